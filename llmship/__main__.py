@@ -1,0 +1,3 @@
+from llmship.cli import main
+
+raise SystemExit(main())

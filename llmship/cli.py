@@ -1,0 +1,142 @@
+"""Command line. Every command imports its machinery lazily so `--help` and `targets` stay fast."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from llmship.errors import LlmshipError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmship", description="Export a causal LM to on-device runtimes, validate every artifact on its runtime, and gate.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="export and validate the targets of a config")
+    b.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
+    b.add_argument("--target", action="append", default=[], help="restrict to these targets (repeatable)")
+    b.add_argument("--out", help="output directory (overrides the config's `out`)")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. evaluation.tokens=64")
+    b.add_argument("--baseline", help="directory of a previous build to check for regressions")
+
+    e = sub.add_parser("export", help="export one target")
+    e.add_argument("--model", required=True, help="HF checkpoint dir, .gguf file, builtin:smollm2-135m or builtin:tiny")
+    e.add_argument("--target", required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--config", help="YAML config whose overrides apply")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
+    v = sub.add_parser("validate", help="run an artifact on its runtime, compare with the FP32 reference, gate")
+    v.add_argument("artifact")
+    v.add_argument("--model", help="source of the reference (default: the one in the manifest)")
+    v.add_argument("--eval-text", help="evaluation text file (default: text sampled from the reference)")
+    v.add_argument("--baseline", help="a previous artifact directory or report.json to check for regressions")
+    v.add_argument("--config", help="YAML config whose evaluation settings and gate overrides apply")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
+    sub.add_parser("targets", help="list built-in target profiles")
+    i = sub.add_parser("inspect", help="summarize an artifact's manifest")
+    i.add_argument("artifact")
+    r = sub.add_parser("report", help="render Markdown, HTML and JUnit XML from report.json files")
+    r.add_argument("paths", nargs="+", help="artifact directories, report.json files, or build directories")
+    r.add_argument("--out", default=None, help="where to write report.md/report.html/junit.xml (default: first path)")
+    return p
+
+
+def cmd_targets(args) -> int:
+    from llmship.targets import all_profiles
+
+    for t in all_profiles().values():
+        r = t.recipe
+        recipe = f"weights {r.weights}" + (f"/g{r.group_size}" if r.group_size else "") + f", act {r.activations}, embed {r.embedding}"
+        gates = ", ".join(f"{k}={v}" for k, v in t.gates.model_dump(exclude_none=True).items() if not k.startswith("regression"))
+        print(f"{t.name:<20} {t.format:<10} {t.runtime:<11} {recipe}; kv {t.kv_cache_dtype}; ctx {t.max_context}; "
+              f"prefill {list(t.prefill_lengths)}; {t.threads} threads{' [default]' if t.default else ''}")
+        if t.description:
+            print(f"{'':<20} {t.description}")
+        print(f"{'':<20} gates: {gates or 'none'}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from llmship.manifest import read_manifest
+
+    m = read_manifest(args.artifact)
+    total = sum(f["bytes"] for f in m["files"].values())
+    print(f"target      {m['target']}  ({m['format']} on {m['runtime']}, {m.get('threads')} threads)")
+    print(f"source      {m['source']}  ({m['model']['architecture']}, {m['model']['params']:,} params)")
+    print(f"recipe      {m['recipe']}")
+    print(f"context     max_context {m['max_context']}, prefill lengths {m['prefill_lengths']}")
+    kv = m["kv_cache"]
+    print(f"kv cache    held as {kv['held_as']}, {kv['dtype']}, {kv['num_layers']} layers x K,V {kv['shape']}")
+    print(f"tokens      vocab {m['model']['vocab_size']}, bos {m['model']['bos_token_id']}, eos {m['model']['eos_token_ids']}")
+    for name, ep in m["entry_points"].items():
+        ins = ", ".join(f"{t['name']}{t['shape']}" for t in ep["inputs"][:3])
+        print(f"entry       {name}: {ep['file']} ({ins}{', ...' if len(ep['inputs']) > 3 else ''})")
+    for name, f in m["files"].items():
+        print(f"file        {name}  {f['bytes']:,} B  sha256 {f['sha256'][:16]}")
+    print(f"total       {total:,} B ({total / m['model']['params']:.3f} B/param)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from llmship.config import load_config, resolve_target
+    from llmship.models import load_model
+    from llmship.pipeline import export_artifact
+
+    config = load_config(args.config, args.set)
+    target = resolve_target(config, args.target)
+    loaded = load_model(args.model)
+    out = export_artifact(loaded, target, args.out, debug=args.debug)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from llmship.config import load_config
+    from llmship.pipeline import validate_artifact
+
+    config = load_config(args.config, args.set)
+    report = validate_artifact(Path(args.artifact), config, model=args.model, eval_text=args.eval_text, baseline=args.baseline)
+    return 0 if report["passed"] else 1
+
+
+def cmd_build(args) -> int:
+    from llmship.config import load_config
+    from llmship.pipeline import build
+
+    sets = list(args.set) + ([f"out={args.out}"] if args.out else [])
+    config = load_config(args.config, sets)
+    return build(config, only=args.target, baseline=args.baseline, debug=args.debug)
+
+
+def cmd_report(args) -> int:
+    from llmship.validation.report import render_reports
+
+    render_reports([Path(p) for p in args.paths], Path(args.out) if args.out else None)
+    return 0
+
+
+COMMANDS = {"targets": cmd_targets, "inspect": cmd_inspect, "export": cmd_export, "validate": cmd_validate,
+            "build": cmd_build, "report": cmd_report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except LlmshipError as exc:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"llmship: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("llmship: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

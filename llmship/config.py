@@ -1,0 +1,177 @@
+"""Configuration as data: YAML -> pydantic, unknown keys rejected, `--set a.b=c` merged before validation."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from llmship.errors import ConfigError
+
+Format = Literal["onnx", "tflite", "coreml", "executorch", "pytorch"]
+Precision = Literal["fp32", "fp16", "int8", "int4", "pal4"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Recipe(Strict):
+    """What a target's quantization does; each exporter maps it onto its own runtime's toolchain."""
+
+    weights: Precision = "fp32"
+    activations: Literal["fp32", "fp16", "int8"] = "fp32"  # int8 = dynamic per-token activation quantization
+    group_size: int | None = Field(default=None, gt=0)  # block / group size for int4 and palettization
+    embedding: Precision | Literal["same"] = "same"  # the embedding (and a tied head) precision
+    compute: Literal["fp32", "fp16"] = "fp32"
+
+    @model_validator(mode="after")
+    def _group_size_needs_blocks(self):
+        if self.group_size is not None and self.weights not in ("int4", "pal4", "int8"):
+            raise ValueError(f"recipe.group_size is set but recipe.weights is {self.weights}")
+        return self
+
+
+class Gates(Strict):
+    """Limits a report is checked against; None means the gate is off."""
+
+    max_abs_err: float | None = None
+    cosine_min: float | None = None
+    top1_agreement_min: float | None = Field(default=None, ge=0, le=1)
+    kl_mean_max: float | None = Field(default=None, ge=0)
+    kl_p99_max: float | None = Field(default=None, ge=0)
+    ppl_ratio_max: float | None = Field(default=None, ge=1)
+    greedy_match_min: float | None = Field(default=None, ge=0, le=1)  # fraction of greedy tokens that match
+    bytes_per_param_max: float | None = Field(default=None, gt=0)
+    size_bytes_max: int | None = Field(default=None, gt=0)
+    decode_tok_s_min: float | None = Field(default=None, gt=0)
+    ttft_ms_max: float | None = Field(default=None, gt=0)
+    # Regression against --baseline: allowed worsening in percent.
+    regression_size_pct: float = Field(default=5.0, ge=0)
+    regression_decode_pct: float = Field(default=25.0, ge=0)
+    regression_kl_pct: float = Field(default=10.0, ge=0)
+
+
+class TargetProfile(Strict):
+    name: str
+    description: str = ""
+    format: Format
+    runtime: str  # runner registry key
+    recipe: Recipe = Recipe()
+    kv_cache_dtype: Literal["fp32", "fp16"] = "fp32"
+    max_context: int = Field(default=512, gt=0)
+    prefill_lengths: tuple[int, ...] = (32, 128)
+    threads: int = Field(default=2, gt=0)
+    device: str = "mid-range phone CPU, 2 big cores"
+    default: bool = False  # part of the default target set (`make run`, a config without `targets`)
+    gates: Gates = Gates()
+
+    @field_validator("prefill_lengths")
+    @classmethod
+    def _positive_sorted(cls, v):
+        if not v or any(n <= 0 for n in v):
+            raise ValueError("prefill_lengths must be a non-empty list of positive lengths")
+        return tuple(sorted(set(v)))
+
+    @model_validator(mode="after")
+    def _fits_context(self):
+        if max(self.prefill_lengths) > self.max_context:
+            raise ValueError(f"prefill_lengths {list(self.prefill_lengths)} exceed max_context {self.max_context}")
+        return self
+
+
+class Evaluation(Strict):
+    tokens: int = Field(default=128, gt=1)  # teacher-forced evaluation length; CI-friendly default
+    text: str | None = None  # a text file; default: text sampled from the FP32 reference with `seed`
+    seed: int = 0
+    prompts: tuple[str, ...] = ("Once upon a time", "The capital of France is")
+    greedy_tokens: int = Field(default=32, gt=0)
+    latency_runs: int = Field(default=16, gt=0)  # decode steps timed after warm-up
+
+
+class BuildConfig(Strict):
+    model: str = "builtin:smollm2-135m"
+    targets: tuple[str, ...] = ()
+    out: str = "dist"
+    evaluation: Evaluation = Evaluation()
+    overrides: dict[str, dict[str, Any]] = {}  # target name -> fields of its profile to override
+
+
+def parse_set(items: list[str]) -> dict:
+    """['a.b=1', 'c=x'] -> {'a': {'b': 1}, 'c': 'x'}; values are parsed as YAML scalars/lists."""
+    import yaml
+
+    merged: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got '{item}'")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        node = merged
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return merged
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def validation_message(exc: ValidationError, where: str) -> str:
+    errs = []
+    for e in exc.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        errs.append(f"{loc}: {msg}")
+    return f"{where}: " + "; ".join(errs)
+
+
+def load_config(path: str | Path | None, sets: list[str] | None = None) -> BuildConfig:
+    import yaml
+
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    data = deep_merge(data, parse_set(sets or []))
+    try:
+        return BuildConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(validation_message(exc, str(path or "config"))) from None
+
+
+def resolve_target(config: BuildConfig, name: str) -> TargetProfile:
+    """A built-in profile with the config's overrides for it applied and re-validated."""
+    from llmship.targets import get_profile
+
+    base = get_profile(name)
+    extra = config.overrides.get(name, {})
+    if not extra:
+        return base
+    try:
+        return TargetProfile.model_validate(deep_merge(base.model_dump(), extra))
+    except ValidationError as exc:
+        raise ConfigError(validation_message(exc, f"overrides.{name}")) from None
+
+
+def write_resolved(config: BuildConfig, targets: list[TargetProfile], path: Path) -> None:
+    import yaml
+
+    data = config.model_dump(mode="json")
+    data["resolved_targets"] = {t.name: t.model_dump(mode="json") for t in targets}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))

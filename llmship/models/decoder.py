@@ -1,0 +1,232 @@
+"""The canonical model: an export-friendly Llama-family decoder with a static KV cache.
+
+Module and parameter names mirror Hugging Face's (`model.layers.N.self_attn.q_proj.weight`, ...), so
+a checkpoint's state dict loads as it is. Every shape is static except the prefill length T; the cache
+holds `max_context` positions and attention always spans the whole cache under a positional mask, which
+is what lets all four converters trace it. Cache writes use `index_copy` at `input_pos + arange(T)`, so no
+data-dependent slicing appears in the graph.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from llmship.errors import ConfigError
+from llmship.models.spec import ModelSpec
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
+    hd = spec.head_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    scaling = spec.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling["rope_type"] == "linear":
+        return inv_freq / float(scaling["factor"])
+    # llama3: keep high frequencies, divide low ones by `factor`, blend in between.
+    factor = float(scaling["factor"])
+    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+    old_ctx = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        d, hd = spec.hidden_size, spec.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, hd
+        self.q_proj = nn.Linear(d, spec.num_heads * hd, bias=spec.qkv_bias)
+        self.k_proj = nn.Linear(d, spec.num_kv_heads * hd, bias=spec.qkv_bias)
+        self.v_proj = nn.Linear(d, spec.num_kv_heads * hd, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(spec.num_heads * hd, d, bias=spec.o_bias)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(hd, spec.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, spec.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, cos, sin, positions, mask, k_cache, v_cache, inplace: bool):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)
+        k = apply_rope(k.transpose(1, 2), cos, sin)
+        v = v.transpose(1, 2)
+        if inplace:
+            k_cache.index_copy_(2, positions, k.to(k_cache.dtype))
+            v_cache.index_copy_(2, positions, v.to(v_cache.dtype))
+        else:
+            k_cache = k_cache.index_copy(2, positions, k.to(k_cache.dtype))
+            v_cache = v_cache.index_copy(2, positions, v.to(v_cache.dtype))
+        group = self.num_heads // self.num_kv_heads
+        keys, values = k_cache.to(q.dtype), v_cache.to(q.dtype)
+        if group > 1:
+            c = keys.shape[2]
+            keys = keys[:, :, None].expand(b, self.num_kv_heads, group, c, self.head_dim).reshape(b, self.num_heads, c, self.head_dim)
+            values = values[:, :, None].expand(b, self.num_kv_heads, group, c, self.head_dim).reshape(b, self.num_heads, c, self.head_dim)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
+        return self.o_proj(out), k_cache, v_cache
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        d, f = spec.hidden_size, spec.intermediate_size
+        self.gate_proj = nn.Linear(d, f, bias=spec.mlp_bias)
+        self.up_proj = nn.Linear(d, f, bias=spec.mlp_bias)
+        self.down_proj = nn.Linear(f, d, bias=spec.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = MLP(spec)
+
+    def forward(self, x, cos, sin, positions, mask, k_cache, v_cache, inplace: bool):
+        h, k_cache, v_cache = self.self_attn(self.input_layernorm(x), cos, sin, positions, mask, k_cache, v_cache, inplace)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), k_cache, v_cache
+
+
+class Backbone(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+
+class MobileDecoder(nn.Module):
+    """prefill(tokens[1,T], input_pos) and decode(token[1,1], input_pos) over one static KV cache.
+
+    `forward` is the stateful entry point (cache in buffers, updated in place): what ExecuTorch and
+    Core ML hold as runtime state. `forward_with_cache` is the functional one (caches in, caches out):
+    what ONNX and TFLite carry as inputs and outputs. Both compute the same function.
+    """
+
+    def __init__(self, spec: ModelSpec, max_context: int, cache_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if max_context < 1:
+            raise ConfigError(f"max_context must be positive, got {max_context}")
+        if spec.sliding_window and max_context > spec.sliding_window:
+            raise ConfigError(
+                f"max_context {max_context} exceeds the model's sliding_window {spec.sliding_window}; "
+                "the static cache implements full attention only"
+            )
+        self.spec, self.max_context = spec, max_context
+        self.model = Backbone(spec)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        if spec.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        freqs = torch.outer(torch.arange(max_context, dtype=torch.int64).float(), rope_inv_freq(spec))
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("rope_cos", emb.cos(), persistent=False)
+        self.register_buffer("rope_sin", emb.sin(), persistent=False)
+        shape = (1, spec.num_kv_heads, max_context, spec.head_dim)
+        for i in range(spec.num_layers):
+            self.register_buffer(f"k_cache_{i}", torch.zeros(shape, dtype=cache_dtype), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(shape, dtype=cache_dtype), persistent=False)
+
+    @property
+    def cache_shape(self) -> tuple[int, int, int, int]:
+        return (1, self.spec.num_kv_heads, self.max_context, self.spec.head_dim)
+
+    def caches(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        n = self.spec.num_layers
+        return [getattr(self, f"k_cache_{i}") for i in range(n)], [getattr(self, f"v_cache_{i}") for i in range(n)]
+
+    def _run(self, tokens, input_pos, k_caches, v_caches, inplace: bool):
+        t = tokens.shape[1]
+        positions = input_pos.reshape(1).to(torch.int64) + torch.arange(t, dtype=torch.int64)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        allowed = torch.arange(self.max_context, dtype=torch.int64)[None, :] <= positions[:, None]
+        mask = torch.zeros(allowed.shape, dtype=cos.dtype).masked_fill(~allowed, float("-inf"))
+        x = self.model.embed_tokens(tokens)
+        new_k, new_v = [], []
+        for layer, kc, vc in zip(self.model.layers, k_caches, v_caches):
+            x, kc, vc = layer(x, cos, sin, positions, mask, kc, vc, inplace)
+            new_k.append(kc)
+            new_v.append(vc)
+        return self.lm_head(self.model.norm(x)), new_k, new_v
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        k_caches, v_caches = self.caches()
+        return self._run(tokens, input_pos, k_caches, v_caches, inplace=True)[0]
+
+    def forward_with_cache(self, tokens, input_pos, k_caches, v_caches):
+        return self._run(tokens, input_pos, k_caches, v_caches, inplace=False)
+
+    # Eager conveniences with argument checks; export traces `forward` / `forward_with_cache`.
+    def _check(self, t: int, input_pos: int) -> None:
+        if t < 1:
+            raise ConfigError("prefill needs at least one token")
+        if input_pos < 0 or input_pos + t > self.max_context:
+            raise ConfigError(
+                f"positions {input_pos}..{input_pos + t - 1} do not fit the KV cache of max_context {self.max_context}"
+            )
+
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor, input_pos: int) -> torch.Tensor:
+        self._check(tokens.shape[-1], input_pos)
+        return self(tokens.reshape(1, -1), torch.tensor([input_pos], dtype=torch.int64))[0]
+
+    @torch.no_grad()
+    def decode(self, token: int, input_pos: int) -> torch.Tensor:
+        self._check(1, input_pos)
+        return self(torch.tensor([[token]], dtype=torch.int64), torch.tensor([input_pos], dtype=torch.int64))[0, -1]
+
+    def reset_cache(self) -> None:
+        for cache in (*self.caches()[0], *self.caches()[1]):
+            cache.zero_()
+
+
+class CacheIODecoder(nn.Module):
+    """The functional entry point as a module, for exporters that pass the cache as inputs/outputs:
+    forward(tokens, input_pos, k_0, v_0, ..., k_{L-1}, v_{L-1}) -> (logits, k_0', v_0', ...)."""
+
+    def __init__(self, decoder: MobileDecoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, tokens, input_pos, *caches):
+        logits, ks, vs = self.decoder.forward_with_cache(tokens, input_pos, list(caches[0::2]), list(caches[1::2]))
+        return (logits, *[t for kv in zip(ks, vs) for t in kv])

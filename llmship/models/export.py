@@ -1,0 +1,42 @@
+"""torch.export of the canonical model's two entry points; the exporters consume these programs."""
+from __future__ import annotations
+
+import torch
+from torch.export import Dim, ExportedProgram
+
+from llmship.models.decoder import CacheIODecoder, MobileDecoder
+
+
+def example_tokens(t: int, dtype=torch.int64) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros((1, t), dtype=dtype), torch.zeros((1,), dtype=torch.int64)
+
+
+def export_stateful(decoder: MobileDecoder, max_prefill: int, token_dtype=torch.int64) -> dict[str, ExportedProgram]:
+    """prefill (T dynamic in [2, max_prefill]... or exactly 2 when max_prefill is 1) and decode (T = 1),
+    the KV cache as mutated buffers."""
+    programs = {}
+    with torch.no_grad():
+        if max_prefill > 1:
+            seq = Dim("seq_len", min=1, max=max_prefill)
+            programs["prefill"] = torch.export.export(
+                decoder, example_tokens(min(2, max_prefill), token_dtype), dynamic_shapes=({1: seq}, None), strict=False
+            )
+        programs["decode"] = torch.export.export(decoder, example_tokens(1, token_dtype), strict=False)
+    return programs
+
+
+def cache_inputs(decoder: MobileDecoder, dtype=torch.float32) -> list[torch.Tensor]:
+    return [torch.zeros(decoder.cache_shape, dtype=dtype) for _ in range(2 * decoder.spec.num_layers)]
+
+
+def export_cache_io(decoder: MobileDecoder, prefill_len: int | None, token_dtype=torch.int64) -> ExportedProgram:
+    """The functional graph (caches in, caches out) for one token count: `prefill_len`, or dynamic if None."""
+    module = CacheIODecoder(decoder)
+    t = 2 if prefill_len is None else prefill_len
+    args = (*example_tokens(t, token_dtype), *cache_inputs(decoder))
+    dynamic = None
+    if prefill_len is None:
+        seq = Dim("seq_len", min=1, max=decoder.max_context)
+        dynamic = ({1: seq}, None, tuple([None] * (2 * decoder.spec.num_layers)))
+    with torch.no_grad():
+        return torch.export.export(module, args, dynamic_shapes=dynamic, strict=False)

@@ -1,0 +1,112 @@
+"""GGUF files: metadata -> Hugging Face config, tensors dequantized to fp32 with Hugging Face names,
+vocabulary -> a `tokenizers` tokenizer (through transformers' GGUF tokenizer converter)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmship.errors import ModelError
+from llmship.models.spec import SUPPORTED_ARCHITECTURES, spec_from_config
+
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight", "attn_output.bias": "self_attn.o_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight", "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+
+
+def _field(reader, key, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def _hf_name(name: str) -> str | None:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    return None
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    # llama.cpp stores llama q/k rows in interleaved-pair rope order; Hugging Face uses half-split order.
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_config(reader) -> dict:
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelError(f"unsupported architecture '{arch}' in GGUF; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    tensor_names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in tensor_names:
+        raise ModelError("GGUF with rope_freqs (llama3 rope scaling) is not supported; use the Hugging Face checkpoint")
+    heads = int(_field(reader, f"{arch}.attention.head_count"))
+    hidden = int(_field(reader, f"{arch}.embedding_length"))
+    tokens = _field(reader, "tokenizer.ggml.tokens") or []
+    return {
+        "model_type": arch,
+        "architectures": [f"{arch} (GGUF)"],
+        "vocab_size": int(_field(reader, f"{arch}.vocab_size", len(tokens))),
+        "hidden_size": hidden,
+        "intermediate_size": int(_field(reader, f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(_field(reader, f"{arch}.block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
+        "head_dim": int(_field(reader, f"{arch}.attention.key_length", hidden // heads)),
+        "rms_norm_eps": float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 2048)),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "attention_bias": False,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+    }
+
+
+def load_gguf(path: Path, source: str):
+    import gguf
+
+    from llmship.models.sources import LoadedModel, check_weights
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:
+        raise ModelError(f"cannot read GGUF {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__} (truncated or corrupt file?)") from None
+    config = gguf_config(reader)
+    spec = spec_from_config(config)
+    weights: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        name = _hf_name(t.name)
+        if name is None:
+            continue
+        try:
+            w = gguf.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        except Exception as exc:
+            raise ModelError(f"cannot dequantize GGUF tensor {t.name} ({t.tensor_type.name}): {exc}") from None
+        w = w.reshape([int(n) for n in reversed(t.shape)])
+        if spec.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            w = _unpermute(w, spec.num_heads if "q_proj" in name else spec.num_kv_heads)
+        weights[name] = torch.from_numpy(np.array(w, dtype=np.float32))  # a copy: F32 tensors are read-only memmaps
+    check_weights(spec, weights, source)
+    return LoadedModel(source, config, spec, weights, gguf_tokenizer(path), (path,))
+
+
+def gguf_tokenizer(path: Path):
+    from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+
+    try:
+        arch, tokenizer_dict, _ = get_gguf_tokenizer(str(path))
+        tokenizer, _ = convert_gguf_tokenizer(arch, tokenizer_dict)
+    except Exception as exc:
+        raise ModelError(f"cannot build a tokenizer from the vocabulary in {path}: {exc}") from None
+    return tokenizer
