@@ -39,11 +39,11 @@ def load_model(source: str) -> LoadedModel:
             raise ModelError(f"model file not found: {source}")
         if path.suffix != ".gguf":
             raise ModelError(f"{source} is a file but not a .gguf; pass a GGUF file or a Hugging Face checkpoint directory")
-        from llmship.models.gguf import load_gguf
+        from llmship.models.gguf_file import load_gguf
 
-        return load_gguf(path, source)
+        return load_gguf(path, str(path.resolve()))
     if path.is_dir():
-        return load_hf_dir(path, source)
+        return load_hf_dir(path, str(path.resolve()))
     if source.count("/") == 1 and not source.startswith((".", "/", "~")):
         return load_hf_dir(_hub_cache_dir(source), source)
     raise ModelError(f"model directory not found: {source}")

@@ -1,0 +1,210 @@
+"""Render report.json files as a Markdown summary, a self-contained HTML page (inline SVG plots) and JUnit XML."""
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+from llmship.errors import ConfigError
+
+SCHEMA = Path(__file__).with_name("report.schema.json")
+COLORS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"]
+
+
+def validate_schema(report: dict) -> None:
+    import jsonschema
+
+    jsonschema.validate(report, json.loads(SCHEMA.read_text()))
+
+
+def collect(paths: list[Path]) -> list[dict]:
+    """report.json files from: report files, artifact directories, or build directories holding artifacts."""
+    found: list[Path] = []
+    for p in paths:
+        if p.is_file():
+            found.append(p)
+        elif (p / "report.json").is_file():
+            found.append(p / "report.json")
+        elif p.is_dir():
+            found.extend(sorted(p.glob("*/report.json")))
+        else:
+            raise ConfigError(f"no such report or directory: {p}")
+    if not found:
+        raise ConfigError(f"no report.json found under {', '.join(map(str, paths))}")
+    reports = []
+    for f in found:
+        try:
+            reports.append(json.loads(f.read_text()))
+        except ValueError as exc:
+            raise ConfigError(f"{f} is not valid JSON: {exc}") from None
+    return reports
+
+
+def render_reports(paths: list[Path], out: Path | None = None) -> Path:
+    reports = collect(paths)
+    out = out or (paths[0] if paths[0].is_dir() else paths[0].parent)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(markdown(reports))
+    (out / "report.html").write_text(html_page(reports))
+    (out / "junit.xml").write_text(junit(reports))
+    return out
+
+
+def _fmt(v, digits=4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and (abs(v) >= 1e4 or (0 < abs(v) < 1e-3)):
+        return f"{v:.{digits - 1}e}"
+    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+
+
+def _rows(reports: list[dict]) -> list[list[str]]:
+    rows = []
+    for r in reports:
+        p, lat, a = r["parity"], r["latency"], r["artifact"]
+        failed = [g["name"] for g in r["gates"] if not g["passed"]]
+        rows.append([r["target"], "PASS" if r["passed"] else "FAIL: " + ", ".join(failed), f"{a['bytes'] / 1e6:.2f}",
+                     f"{a['bytes_per_param']:.3f}", f"{p['top1_agreement']:.4f}", _fmt(p["kl_mean"]), _fmt(p["kl_p99"]),
+                     f"{p['ppl'] / p['ppl_reference']:.4f}", f"{p['greedy_match']}/{p['greedy_total']}", _fmt(p["max_abs_err"]),
+                     f"{lat['decode_tok_s']:.1f}", f"{lat['ttft_ms']:.1f}", f"{r['memory']['peak_rss_mb']:.0f}", r["executor"]])
+    return rows
+
+
+HEADER = ["target", "verdict", "MB", "B/param", "top-1", "KL mean", "KL p99", "ppl ratio", "greedy", "max |err|",
+          "decode tok/s", "TTFT ms", "RSS MB", "executor"]
+
+
+def markdown(reports: list[dict]) -> str:
+    verdict = "PASS" if all(r["passed"] for r in reports) else "FAIL"
+    lines = [f"# llmship validation: {verdict}", "", f"Source: {reports[0]['source']}", "",
+             "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(row) + " |" for row in _rows(reports)]
+    notes = [f"- **{r['target']}**: {r['executor_note']}" for r in reports if r.get("executor_note")]
+    if notes:
+        lines += ["", "## Notes", *notes]
+    for r in reports:
+        failed = [g for g in r["gates"] if not g["passed"]]
+        if failed:
+            lines += ["", f"## {r['target']}: failed gates", *[f"- {g['name']}: {_fmt(g['value'])} (limit {_fmt(g['limit'])})" for g in failed]]
+    return "\n".join(lines) + "\n"
+
+
+# --- SVG plots: small, dependency-free, embedded in the page -------------------------------------------
+
+def _svg(width: int, height: int, body: list[str], title: str) -> str:
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" role="img" aria-label="{html.escape(title)}" '
+            f'width="{width}" height="{height}" viewBox="0 0 {width} {height}">'
+            f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="13" font-weight="bold">{html.escape(title)}</text>'
+            + "".join(body) + "</svg>")
+
+
+def _axes(w, h, m, xlabel, ylabel) -> list[str]:
+    return [f'<line x1="{m}" y1="{h - m}" x2="{w - 10}" y2="{h - m}" stroke="#333"/>',
+            f'<line x1="{m}" y1="24" x2="{m}" y2="{h - m}" stroke="#333"/>',
+            f'<text x="{(w + m) / 2}" y="{h - 8}" text-anchor="middle" font-size="11">{html.escape(xlabel)}</text>',
+            f'<text x="12" y="{h / 2}" text-anchor="middle" font-size="11" transform="rotate(-90 12 {h / 2})">{html.escape(ylabel)}</text>']
+
+
+def _log(v: float) -> float:
+    return math.log10(max(v, 1e-12))
+
+
+def plot_size_vs_kl(reports: list[dict]) -> str:
+    w, h, m = 520, 320, 56
+    xs = [r["artifact"]["bytes"] / 1e6 for r in reports]
+    ys = [_log(r["parity"]["kl_mean"]) for r in reports]
+    x0, x1 = 0, max(xs) * 1.1 or 1
+    y0, y1 = min(ys) - 0.5, max(ys) + 0.5
+    body = _axes(w, h, m, "artifact size (MB)", "KL mean (log10)")
+    for i, (r, x, y) in enumerate(zip(reports, xs, ys)):
+        px = m + (x - x0) / (x1 - x0) * (w - m - 20)
+        py = h - m - (y - y0) / (y1 - y0) * (h - m - 34)
+        body.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="5" fill="{COLORS[i % len(COLORS)]}"/>'
+                    f'<text x="{px + 7:.1f}" y="{py - 6:.1f}" font-size="10">{html.escape(r["target"])}</text>')
+    body.append(f'<text x="{m - 4}" y="{h - m}" text-anchor="end" font-size="9">{y0:.1f}</text>'
+                f'<text x="{m - 4}" y="34" text-anchor="end" font-size="9">{y1:.1f}</text>'
+                f'<text x="{w - 12}" y="{h - m + 12}" text-anchor="end" font-size="9">{x1:.1f}</text>')
+    return _svg(w, h, body, "Size against KL divergence")
+
+
+def plot_decode_speed(reports: list[dict]) -> str:
+    w, m = 520, 56
+    h = 60 + 26 * len(reports)
+    top = max(r["latency"]["decode_tok_s"] for r in reports) or 1
+    body = [f'<text x="{w / 2}" y="{h - 6}" text-anchor="middle" font-size="11">decode tokens/s</text>']
+    for i, r in enumerate(reports):
+        v = r["latency"]["decode_tok_s"]
+        bw = v / top * (w - 200)
+        y = 30 + 26 * i
+        body.append(f'<text x="150" y="{y + 13}" text-anchor="end" font-size="10">{html.escape(r["target"])}</text>'
+                    f'<rect class="bar" x="156" y="{y}" width="{bw:.1f}" height="18" fill="{COLORS[i % len(COLORS)]}"/>'
+                    f'<text x="{160 + bw:.1f}" y="{y + 13}" font-size="10">{v:.1f}</text>')
+    return _svg(w, h, body, "Decode speed per target")
+
+
+def plot_error_along_sequence(reports: list[dict]) -> str:
+    w, h, m = 520, 320, 56
+    series = [(r["target"], r.get("series", {}).get("kl", [])) for r in reports]
+    n = max((len(s) for _, s in series), default=1) or 1
+    logs = [[_log(v) for v in s] for _, s in series]
+    flat = [v for s in logs for v in s] or [0.0]
+    y0, y1 = min(flat) - 0.2, max(flat) + 0.2
+    body = _axes(w, h, m, "position in evaluation sequence", "KL per token (log10)")
+    for i, ((name, _), s) in enumerate(zip(series, logs)):
+        if not s:
+            continue
+        pts = " ".join(f"{m + j / max(n - 1, 1) * (w - m - 20):.1f},{h - m - (v - y0) / (y1 - y0) * (h - m - 34):.1f}" for j, v in enumerate(s))
+        body.append(f'<polyline class="series" fill="none" stroke="{COLORS[i % len(COLORS)]}" stroke-width="1.2" points="{pts}"/>'
+                    f'<text x="{w - 14}" y="{40 + 12 * i}" text-anchor="end" font-size="10" fill="{COLORS[i % len(COLORS)]}">{html.escape(name)}</text>')
+    body.append(f'<text x="{m - 4}" y="{h - m}" text-anchor="end" font-size="9">{y0:.1f}</text>'
+                f'<text x="{m - 4}" y="34" text-anchor="end" font-size="9">{y1:.1f}</text>')
+    return _svg(w, h, body, "Error along the sequence")
+
+
+def html_page(reports: list[dict]) -> str:
+    ok = all(r["passed"] for r in reports)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in HEADER)
+    rows = "".join("<tr>" + "".join(f'<td class="{"fail" if c.startswith("FAIL") else ""}">{html.escape(c)}</td>' for c in row) + "</tr>"
+                   for row in _rows(reports))
+    notes = "".join(f"<p class=\"note\"><b>{html.escape(r['target'])}</b>: {html.escape(r['executor_note'])}</p>"
+                    for r in reports if r.get("executor_note"))
+    gates = "".join(
+        f"<h3>{html.escape(r['target'])}</h3><ul>" + "".join(
+            f'<li class="{"pass" if g["passed"] else "fail"}">{html.escape(g["name"])}: {_fmt(g["value"])} '
+            f'(limit {_fmt(g["limit"])}) {"passed" if g["passed"] else "FAILED"}</li>' for g in r["gates"]) + "</ul>"
+        for r in reports)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>llmship validation report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 24px; color: #222; }}
+table {{ border-collapse: collapse; font-size: 13px; }} th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
+th {{ background: #f3f3f3; }} td.fail, li.fail {{ color: #b00020; font-weight: bold; }} li.pass {{ color: #1b5e20; }}
+.verdict {{ font-size: 20px; font-weight: bold; color: {"#1b5e20" if ok else "#b00020"}; }}
+.plots {{ display: flex; flex-wrap: wrap; gap: 16px; }} .note {{ background: #fff8e1; padding: 8px; border-left: 4px solid #f9a825; }}
+</style></head><body>
+<h1>llmship validation report</h1>
+<p class="verdict" id="verdict">{"PASS" if ok else "FAIL"}: {sum(r["passed"] for r in reports)}/{len(reports)} targets passed</p>
+<p>Source: {html.escape(reports[0]["source"])}</p>
+<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>
+{notes}
+<h2>Plots</h2><div class="plots">{plot_size_vs_kl(reports)}{plot_decode_speed(reports)}{plot_error_along_sequence(reports)}</div>
+<h2>Gates</h2>{gates}
+</body></html>
+"""
+
+
+def junit(reports: list[dict]) -> str:
+    """One testsuite per target, one testcase per gate; a failed gate is a <failure>."""
+    root = ET.Element("testsuites", name="llmship")
+    for r in reports:
+        suite = ET.SubElement(root, "testsuite", name=r["target"], tests=str(len(r["gates"])),
+                              failures=str(sum(not g["passed"] for g in r["gates"])))
+        ET.SubElement(ET.SubElement(suite, "properties"), "property", name="executor", value=r["executor"])
+        for g in r["gates"]:
+            case = ET.SubElement(suite, "testcase", classname=f"llmship.{r['target']}", name=g["name"])
+            if not g["passed"]:
+                ET.SubElement(case, "failure", message=f"{g['name']} = {_fmt(g['value'])} (limit {_fmt(g['limit'])})")
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
