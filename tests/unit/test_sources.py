@@ -59,7 +59,7 @@ def test_gguf_round_trip_unpermutes_llama_qk(tmp_path, quantized):
     assert (loaded.weights[q] - original.weights[q]).abs().max().item() <= tol
     ids = [1, 40, 41, 300, 7, 8]
     logits = build_decoder(loaded, 32).prefill(torch.tensor([ids]), 0)
-    assert (logits - hf_logits(hf, ids)).abs().max().item() <= (0.05 if quantized else 1e-4)
+    assert (logits - hf_logits(hf, ids)).abs().max().item() <= (0.15 if quantized else 1e-4)  # Q8_0 rounding vs a wrong layout (O(1))
     assert loaded.tokenizer.token_to_id("Ġt") == original.spec.vocab_size - 1  # the GGUF vocabulary, in order
 
 
