@@ -128,9 +128,9 @@ def deep_merge(base: dict, extra: dict) -> dict:
 def validation_message(exc: ValidationError, where: str) -> str:
     errs = []
     for e in exc.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        errs.append(f"{loc}: {msg}")
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        errs.append(f"{loc}: {msg}" if loc else msg)
     return f"{where}: " + "; ".join(errs)
 
 
