@@ -191,6 +191,16 @@ th {{ background: #f3f3f3; }} td.fail, li.fail {{ color: #b00020; font-weight: b
 {notes}
 <h2>Plots</h2><div class="plots">{plot_size_vs_kl(reports)}{plot_decode_speed(reports)}{plot_error_along_sequence(reports)}</div>
 <h2>Gates</h2>{gates}
+<script>
+// Marks how many plots actually laid out with visible marks; the browser test reads it.
+window.addEventListener("load", function () {{
+  var drawn = Array.prototype.filter.call(document.querySelectorAll("svg.plot"), function (s) {{
+    var box = s.getBoundingClientRect();
+    return box.width > 0 && box.height > 0 && s.querySelectorAll("circle, rect, polyline").length > 0;
+  }});
+  document.body.setAttribute("data-plots-rendered", String(drawn.length));
+}});
+</script>
 </body></html>
 """
 
