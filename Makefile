@@ -6,9 +6,11 @@ STAMP  := $(VENV)/.installed
 OUT    ?= dist
 MODEL  ?= builtin:smollm2-135m
 TARGET ?= executorch-8da4w
+CONFIG ?=
+TARGETS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast export validate report lint clean venv
+.PHONY: run test test-fast build export validate report android ios lint clean venv
 
 venv: $(STAMP)
 
@@ -30,6 +32,15 @@ test: $(STAMP)  ## the whole test suite
 
 test-fast: $(STAMP)  ## unit tests only (seconds)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+build: $(STAMP)  ## make build CONFIG=llmship.yaml [TARGETS="a b"] OUT=...: export + validate a config's targets
+	$(BIN)/llmship build $(CONFIG) $(addprefix --target ,$(TARGETS)) --out $(OUT)
+
+android: $(STAMP)  ## Android assets layout: OUT/android/assets/llmship/<model>/<target>/ + index.json
+	$(BIN)/llmship build $(CONFIG) --platform android --out $(OUT)
+
+ios: $(STAMP)  ## iOS resources layout: OUT/ios/Resources/llmship/<model>/<target>/ + index.json
+	$(BIN)/llmship build $(CONFIG) --platform ios --out $(OUT)
 
 export: $(STAMP)  ## make export MODEL=... TARGET=... OUT=...
 	$(BIN)/llmship export --model $(MODEL) --target $(TARGET) --out $(OUT)/$(TARGET)

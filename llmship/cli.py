@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from llmship.errors import LlmshipError
+from llmship.errors import ConfigError, LlmshipError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,6 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="output directory (overrides the config's `out`)")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. evaluation.tokens=64")
     b.add_argument("--baseline", help="directory of a previous build to check for regressions")
+    b.add_argument("--platform", choices=["android", "ios"], help="build the platform's target set into its app layout")
 
     e = sub.add_parser("export", help="export one target")
     e.add_argument("--model", required=True, help="HF checkpoint dir, .gguf file, builtin:smollm2-135m or builtin:tiny")
@@ -38,9 +39,14 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("targets", help="list built-in target profiles")
     i = sub.add_parser("inspect", help="summarize an artifact's manifest")
     i.add_argument("artifact")
-    r = sub.add_parser("report", help="render Markdown, HTML and JUnit XML from report.json files")
-    r.add_argument("paths", nargs="+", help="artifact directories, report.json files, or build directories")
+    r = sub.add_parser("report", help="render Markdown, HTML and JUnit XML from report.json files; "
+                                      "`report merge DIR...` also prints one verdict and exits 1 if any target failed")
+    r.add_argument("paths", nargs="+", help="[merge] artifact directories, report.json files, or build directories")
     r.add_argument("--out", default=None, help="where to write report.md/report.html/junit.xml (default: first path)")
+    m = sub.add_parser("matrix", help="print a CI job matrix (JSON, one job per target) for a config")
+    m.add_argument("config", nargs="?")
+    m.add_argument("--platform", choices=["android", "ios"])
+    m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     return p
 
 
@@ -103,23 +109,40 @@ def cmd_validate(args) -> int:
 
 
 def cmd_build(args) -> int:
+    from llmship.build import build
     from llmship.config import load_config
-    from llmship.pipeline import build
 
     sets = list(args.set) + ([f"out={args.out}"] if args.out else [])
     config = load_config(args.config, sets)
-    return build(config, only=args.target, baseline=args.baseline, debug=args.debug)
+    return build(config, only=args.target, baseline=args.baseline, debug=args.debug, platform=args.platform)
 
 
 def cmd_report(args) -> int:
-    from llmship.validation.report import render_reports
+    from llmship.validation.report import merge_reports, render_reports
 
+    if args.paths[0] == "merge":
+        if len(args.paths) < 2:
+            raise ConfigError("report merge needs at least one directory of job reports")
+        return merge_reports([Path(p) for p in args.paths[1:]], Path(args.out) if args.out else None)
     render_reports([Path(p) for p in args.paths], Path(args.out) if args.out else None)
     return 0
 
 
+def cmd_matrix(args) -> int:
+    import json
+
+    from llmship.build import select_targets
+    from llmship.config import load_config, resolve_target
+
+    config = load_config(args.config, args.set)
+    names = select_targets(config, None, args.platform)
+    jobs = [{"target": n, "format": resolve_target(config, n).format} for n in names]
+    print(json.dumps({"include": jobs}))
+    return 0
+
+
 COMMANDS = {"targets": cmd_targets, "inspect": cmd_inspect, "export": cmd_export, "validate": cmd_validate,
-            "build": cmd_build, "report": cmd_report}
+            "build": cmd_build, "report": cmd_report, "matrix": cmd_matrix}
 
 
 def main(argv: list[str] | None = None) -> int:

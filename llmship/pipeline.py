@@ -49,7 +49,7 @@ def manifest_body(loaded, target, result) -> dict:
     }
 
 
-def export_artifact(loaded, target, out_dir: str | Path, debug: bool = False) -> Path:
+def export_artifact(loaded, target, out_dir: str | Path, debug: bool = False, inputs_sha256: str | None = None) -> Path:
     """Build one target's artifact directory atomically; returns its path."""
     from llmship.exporters import ExportJob, get_exporter
     from llmship.manifest import atomic_directory, write_manifest
@@ -69,7 +69,10 @@ def export_artifact(loaded, target, out_dir: str | Path, debug: bool = False) ->
             detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise ExportError(target.name, f"{target.format} export", f"{type(exc).__name__}: {detail}") from exc
         loaded.tokenizer.save(str(tmp / "tokenizer.json"))
-        write_manifest(tmp, manifest_body(loaded, target, result))
+        body = manifest_body(loaded, target, result)
+        if inputs_sha256:
+            body["inputs_sha256"] = inputs_sha256  # what a rebuild compares to decide it has nothing to do
+        write_manifest(tmp, body)
     return out_dir
 
 
@@ -137,14 +140,14 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
     if loaded.spec.vocab_size != manifest["model"]["vocab_size"] or loaded.spec.num_layers != manifest["model"]["num_layers"]:
         raise ConfigError(f"reference model {loaded.source} does not match the artifact {artifact_dir} (vocab or layers differ)")
     integrity = check_integrity(artifact_dir, manifest)
-    _say(f"{target.name}: reference {loaded.source}")
+    say(f"{target.name}: reference {loaded.source}")
     reference = ReferenceRunner.from_decoder(build_decoder(loaded, target.max_context), threads=target.threads)
     plan = ev.make_plan(reference, loaded.tokenizer, loaded.spec, target, config.evaluation, eval_text)
     ref_logits = ev.teacher_forced(reference, plan, "reference")
     ref_greedy = [ev.greedy(reference, p, plan.greedy_tokens, plan.chunk) for p in plan.prompts]
     runner = open_runner(artifact_dir, manifest, target.threads)
     try:
-        _say(f"{target.name}: evaluating {len(plan.tokens)} tokens on {runner.executor}")
+        say(f"{target.name}: evaluating {len(plan.tokens)} tokens on {runner.executor}")
         logits = ev.teacher_forced(runner, plan, target.name)
         our_greedy = [ev.greedy(runner, p, plan.greedy_tokens, plan.chunk) for p in plan.prompts]
     finally:
@@ -154,7 +157,7 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
     total = sum(len(r) for r in ref_greedy)
     parity.update(greedy_match=matched, greedy_total=total, greedy_fraction=matched / total if total else 0.0,
                   ppl_ratio=parity["ppl"] / parity["ppl_reference"])
-    _say(f"{target.name}: latency and memory (separate process, {target.threads} threads)")
+    say(f"{target.name}: latency and memory (separate process, {target.threads} threads)")
     timing = run_in_child(artifact_dir, target.threads, config.evaluation.latency_runs)
     total_bytes = sum(f["bytes"] for f in integrity["files"].values())
     params = manifest["model"]["params"]
@@ -182,11 +185,11 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
     tmp.replace(artifact_dir / REPORT)
     _summary(report)
     if not report["passed"]:
-        _say(failure_message(target.name, report["gates"]), err=True)
+        say(failure_message(target.name, report["gates"]), err=True)
     return report
 
 
-def _say(msg: str, err: bool = False) -> None:
+def say(msg: str, err: bool = False) -> None:
     import sys
 
     print(("llmship: gate failed: " if err else "") + msg, file=sys.stderr if err else sys.stdout, flush=True)
@@ -194,41 +197,7 @@ def _say(msg: str, err: bool = False) -> None:
 
 def _summary(r: dict) -> None:
     p, lat = r["parity"], r["latency"]
-    _say(f"{r['target']}: {'PASS' if r['passed'] else 'FAIL'}  top1 {p['top1_agreement']:.4f}  KL {p['kl_mean']:.3g}  "
+    say(f"{r['target']}: {'PASS' if r['passed'] else 'FAIL'}  top1 {p['top1_agreement']:.4f}  KL {p['kl_mean']:.3g}  "
          f"ppl {p['ppl']:.4g}/{p['ppl_reference']:.4g}  greedy {p['greedy_match']}/{p['greedy_total']}  "
          f"{r['artifact']['bytes'] / 1e6:.2f} MB ({r['artifact']['bytes_per_param']:.3f} B/param)  "
          f"decode {lat['decode_tok_s']:.1f} tok/s  ttft {lat['ttft_ms']:.1f} ms  rss {r['memory']['peak_rss_mb']:.0f} MB")
-
-
-def build(config, only: list[str] | None = None, baseline: str | None = None, debug: bool = False) -> int:
-    """Export and validate every target of the config into `config.out`; render the summary reports there."""
-    from llmship.config import resolve_target, write_resolved
-    from llmship.errors import ConfigError
-    from llmship.models import load_model
-    from llmship.targets import default_targets
-    from llmship.validation.report import render_reports
-
-    names = list(config.targets) or default_targets()
-    if only:
-        unknown = [t for t in only if t not in names]
-        if unknown:
-            raise ConfigError(f"--target {', '.join(unknown)} is not in this build's targets ({', '.join(names)})")
-        names = [t for t in names if t in only]
-    profiles = [resolve_target(config, n) for n in names]  # every profile is valid before any work starts
-    out = Path(config.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create output directory {out}: {exc.strerror}") from None
-    write_resolved(config, profiles, out / "llmship.resolved.yaml")
-    _say(f"loading {config.model}")
-    loaded = load_model(config.model)
-    passed = True
-    for i, target in enumerate(profiles, 1):
-        _say(f"[{i}/{len(profiles)}] {target.name}: exporting ({target.format}, recipe {target.recipe.weights})")
-        export_artifact(loaded, target, out / target.name, debug=debug)
-        _say(f"[{i}/{len(profiles)}] {target.name}: validating")
-        passed &= validate_artifact(out / target.name, config, baseline=baseline and Path(baseline) / target.name, loaded=loaded)["passed"]
-    render_reports([out], out)
-    _say(f"reports: {out / 'report.md'}, {out / 'report.html'}, {out / 'junit.xml'}")
-    return 0 if passed else 1

@@ -49,6 +49,30 @@ def load_model(source: str) -> LoadedModel:
     raise ModelError(f"model directory not found: {source}")
 
 
+def source_files(source: str) -> list[Path]:
+    """The files a source reads, found without loading it (for content hashing of build inputs)."""
+    if source == "builtin:smollm2-135m":
+        from llmship.models.builtin import smollm2_gguf_path
+
+        return [smollm2_gguf_path()]
+    if source.startswith("builtin:"):
+        return []  # generated from code: llmship's version covers it
+    path = Path(source).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.is_file() and (p.suffix in (".json", ".safetensors", ".gguf")))
+    raise ModelError(f"model directory not found: {source}")
+
+
+def model_slug(source: str) -> str:
+    """A short folder name for a model: `builtin:smollm2-135m` -> smollm2-135m, /x/stories260K -> stories260K."""
+    import re
+
+    name = source.split(":", 1)[1] if source.startswith("builtin:") else Path(source.rstrip("/")).stem
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name) or "model"
+
+
 def _hub_cache_dir(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 

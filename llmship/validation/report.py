@@ -28,7 +28,7 @@ def collect(paths: list[Path]) -> list[dict]:
         elif (p / "report.json").is_file():
             found.append(p / "report.json")
         elif p.is_dir():
-            found.extend(sorted(p.glob("*/report.json")))
+            found.extend(sorted(p.rglob("report.json")))
         else:
             raise ConfigError(f"no such report or directory: {p}")
     if not found:
@@ -50,6 +50,19 @@ def render_reports(paths: list[Path], out: Path | None = None) -> Path:
     (out / "report.html").write_text(html_page(reports))
     (out / "junit.xml").write_text(junit(reports))
     return out
+
+
+def merge_reports(paths: list[Path], out: Path | None = None) -> int:
+    """Combine the per-job reports of a split CI run into one page and one verdict (exit code 1 if any failed)."""
+    reports = collect(paths)
+    out = render_reports(paths, out)
+    jobs = [{"target": r["target"], "source": r["source"], "passed": r["passed"],
+             "failed_gates": [g["name"] for g in r["gates"] if not g["passed"]]} for r in reports]
+    verdict = {"passed": all(j["passed"] for j in jobs), "jobs": jobs}
+    (out / "verdict.json").write_text(json.dumps(verdict, indent=2) + "\n")
+    print(f"{'PASS' if verdict['passed'] else 'FAIL'}: {sum(j['passed'] for j in jobs)}/{len(jobs)} targets passed"
+          + "".join(f"; {j['target']}: {', '.join(j['failed_gates'])}" for j in jobs if not j["passed"]))
+    return 0 if verdict["passed"] else 1
 
 
 def _fmt(v, digits=4) -> str:

@@ -1,0 +1,150 @@
+"""`llmship build`: every target of a config, incrementally, into a plain or an app-ready platform layout.
+
+A target is rebuilt only when the sha256 of its inputs changed: the source files' contents, the resolved
+target profile, the evaluation settings, and the versions of llmship and the toolchain. Unchanged inputs
+and a report already on disk make the target a no-op, so an app build that calls llmship on every run pays
+seconds, not minutes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from llmship.errors import ConfigError
+from llmship.pipeline import REPORT, export_artifact, say, validate_artifact
+
+# Where an app loads assets from: Android merges src/main/assets (assets/llmship/...); iOS copies a folder
+# into the bundle's resources (Resources/llmship/...).
+PLATFORM_ROOTS = {"android": Path("android/assets/llmship"), "ios": Path("ios/Resources/llmship")}
+INDEX = "index.json"
+TOOLCHAIN = ("torch", "executorch", "torchao", "coremltools", "onnx", "onnxruntime", "onnxscript", "onnxruntime-genai",
+             "litert-torch", "ai-edge-litert", "ai-edge-quantizer", "transformers", "gguf", "safetensors", "tokenizers")
+
+
+def inputs_sha256(config, target, source_digest: str) -> str:
+    from llmship.manifest import toolchain_versions
+
+    record = {
+        "source": config.model,
+        "source_files": source_digest,
+        "target": target.model_dump(mode="json"),
+        "evaluation": config.evaluation.model_dump(mode="json"),
+        "toolchain": toolchain_versions(*TOOLCHAIN),
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def source_digest(source: str) -> str:
+    from llmship.manifest import sha256_file
+    from llmship.models.sources import source_files
+
+    return hashlib.sha256("".join(f"{p.name}:{sha256_file(p)}" for p in source_files(source)).encode()).hexdigest()
+
+
+def up_to_date(artifact: Path, digest: str) -> dict | None:
+    """The existing report when the artifact was built from exactly these inputs and was validated."""
+    try:
+        manifest = json.loads((artifact / "manifest.json").read_text())
+        report = json.loads((artifact / REPORT).read_text())
+    except (OSError, ValueError):
+        return None
+    return report if manifest.get("inputs_sha256") == digest else None
+
+
+def select_targets(config, only: list[str] | None, platform: str | None) -> list[str]:
+    from llmship.targets import default_targets
+
+    if platform is not None:
+        if platform not in config.platforms:
+            raise ConfigError(f"unknown platform '{platform}'; configured: {', '.join(config.platforms)}")
+        names = list(config.platforms[platform])
+    else:
+        names = list(config.targets) or default_targets()
+    if not names:
+        raise ConfigError("no targets to build: set `targets` in the config")
+    if only:
+        unknown = [t for t in only if t not in names]
+        if unknown:
+            raise ConfigError(f"--target {', '.join(unknown)} is not in this build's targets ({', '.join(names)})")
+        names = [t for t in names if t in only]
+    return names
+
+
+def build(config, only: list[str] | None = None, baseline: str | None = None, debug: bool = False,
+          platform: str | None = None) -> int:
+    """Export and validate the targets into `config.out` (or its platform layout); 1 when a gate failed."""
+    from llmship.config import resolve_target, write_resolved
+    from llmship.models import load_model
+    from llmship.models.sources import model_slug
+    from llmship.validation.report import render_reports
+
+    profiles = [resolve_target(config, n) for n in select_targets(config, only, platform)]  # all valid before work
+    out = Path(config.out)
+    root = out / PLATFORM_ROOTS[platform] / model_slug(config.model) if platform else out
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create output directory {root}: {exc.strerror}") from None
+    write_resolved(config, profiles, out / "llmship.resolved.yaml")
+    digest = source_digest(config.model)
+    loaded, reports = None, {}
+    for i, target in enumerate(profiles, 1):
+        step = f"[{i}/{len(profiles)}] {target.name}"
+        artifact = root / target.name
+        key = inputs_sha256(config, target, digest)
+        report = None if baseline else up_to_date(artifact, key)
+        if report is not None:
+            say(f"{step}: up to date ({'passed' if report['passed'] else 'FAILED'} when validated)")
+        else:
+            if loaded is None:
+                say(f"loading {config.model}")
+                loaded = load_model(config.model)
+            say(f"{step}: exporting ({target.format}, weights {target.recipe.weights})")
+            export_artifact(loaded, target, artifact, debug=debug, inputs_sha256=key)
+            say(f"{step}: validating")
+            report = validate_artifact(artifact, config, baseline=baseline and Path(baseline) / target.name, loaded=loaded)
+        reports[target.name] = report
+    render_reports([root], root)
+    if platform:
+        write_index(out / PLATFORM_ROOTS[platform], platform)
+    say(f"reports: {root / 'report.md'}, {root / 'report.html'}, {root / 'junit.xml'}")
+    return 0 if all(r["passed"] for r in reports.values()) else 1
+
+
+def write_index(platform_root: Path, platform: str) -> Path:
+    """One index manifest for the app: every artifact under the platform root with its I/O contract,
+    files (sha256, size) and validation verdict. Rewritten only when its content changes."""
+    artifacts = []
+    for manifest_path in sorted(platform_root.glob(f"*/*/manifest.json")):
+        d = manifest_path.parent
+        m = json.loads(manifest_path.read_text())
+        report = json.loads((d / REPORT).read_text()) if (d / REPORT).is_file() else None
+        artifacts.append({
+            "model": d.parent.name,
+            "target": m["target"],
+            "path": d.relative_to(platform_root).as_posix(),
+            "format": m["format"],
+            "runtime": m["runtime"],
+            "max_context": m["max_context"],
+            "prefill_lengths": m["prefill_lengths"],
+            "vocab_size": m["model"]["vocab_size"],
+            "bos_token_id": m["model"]["bos_token_id"],
+            "eos_token_ids": m["model"]["eos_token_ids"],
+            "kv_cache": m["kv_cache"],
+            "entry_points": m["entry_points"],
+            "tokenizer": m["tokenizer"],
+            "files": m["files"],
+            "bytes": sum(f["bytes"] for f in m["files"].values()),
+            "validation": None if report is None else {
+                "passed": report["passed"], "executor": report["executor"],
+                "failed_gates": [g["name"] for g in report["gates"] if not g["passed"]],
+                "top1_agreement": report["parity"]["top1_agreement"], "kl_mean": report["parity"]["kl_mean"],
+                "decode_tok_s": report["latency"]["decode_tok_s"]},
+        })
+    index = {"index_version": 1, "platform": platform, "artifacts": artifacts}
+    path = platform_root / INDEX
+    text = json.dumps(index, indent=2) + "\n"
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+    return path
