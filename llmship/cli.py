@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
                                       "`report merge DIR...` also prints one verdict and exits 1 if any target failed")
     r.add_argument("paths", nargs="+", help="[merge] artifact directories, report.json files, or build directories")
     r.add_argument("--out", default=None, help="where to write report.md/report.html/junit.xml (default: first path)")
+    bn = sub.add_parser("bench", help="benchmark llmship's artifacts against the runtimes' first-party LLM exporters")
+    bn.add_argument("--model", default="builtin:smollm2-135m")
+    bn.add_argument("--quick", action="store_true", help="stories260K from ../shared (CI mode)")
+    bn.add_argument("--out", default="bench")
+    bn.add_argument("--anchor", action="append", default=None, help="only these anchors (repeatable)")
+    bn.add_argument("--target", action="append", default=None, help="only these llmship targets (repeatable)")
     m = sub.add_parser("matrix", help="print a CI job matrix (JSON, one job per target) for a config")
     m.add_argument("config", nargs="?")
     m.add_argument("--platform", choices=["android", "ios"])
@@ -128,6 +134,20 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from llmship.bench import BENCH_TARGETS, run_bench
+
+    source = args.model
+    if args.quick and source == "builtin:smollm2-135m":
+        shared = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "stories260K"
+        if not shared.is_dir():
+            raise ConfigError(f"--quick benchmarks ../shared/models/stories260K, which is absent ({shared}); pass --model")
+        source = str(shared)
+    run_bench(source, Path(args.out), quick=args.quick, anchors=args.anchor, targets=tuple(args.target or BENCH_TARGETS))
+    print(f"wrote {Path(args.out) / 'results.json'}, results.md, plot.svg")
+    return 0
+
+
 def cmd_matrix(args) -> int:
     import json
 
@@ -142,7 +162,7 @@ def cmd_matrix(args) -> int:
 
 
 COMMANDS = {"targets": cmd_targets, "inspect": cmd_inspect, "export": cmd_export, "validate": cmd_validate,
-            "build": cmd_build, "report": cmd_report, "matrix": cmd_matrix}
+            "build": cmd_build, "report": cmd_report, "matrix": cmd_matrix, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
