@@ -116,7 +116,7 @@ def write_index(platform_root: Path, platform: str) -> Path:
     """One index manifest for the app: every artifact under the platform root with its I/O contract,
     files (sha256, size) and validation verdict. Rewritten only when its content changes."""
     artifacts = []
-    for manifest_path in sorted(platform_root.glob(f"*/*/manifest.json")):
+    for manifest_path in sorted(platform_root.glob("*/*/manifest.json")):
         d = manifest_path.parent
         m = json.loads(manifest_path.read_text())
         report = json.loads((d / REPORT).read_text()) if (d / REPORT).is_file() else None

@@ -143,7 +143,7 @@ def plot_size_vs_kl(reports: list[dict]) -> str:
 
 
 def plot_decode_speed(reports: list[dict]) -> str:
-    w, m = 520, 56
+    w = 520
     h = 60 + 26 * len(reports)
     top = max(r["latency"]["decode_tok_s"] for r in reports) or 1
     body = [f'<text x="{w / 2}" y="{h - 6}" text-anchor="middle" font-size="11">decode tokens/s</text>']
