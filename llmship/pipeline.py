@@ -5,6 +5,7 @@ import traceback
 from pathlib import Path
 
 from llmship.errors import ExportError, LlmshipError
+from llmship.progress import stage
 
 
 def manifest_body(loaded, target, result) -> dict:
@@ -60,7 +61,8 @@ def export_artifact(loaded, target, out_dir: str | Path, debug: bool = False, in
     decoder = build_decoder(loaded, target.max_context)
     with atomic_directory(out_dir) as tmp:
         try:
-            result = exporter.export(ExportJob(decoder, loaded, target, tmp))
+            with stage(f"{target.name}: converting"):
+                result = exporter.export(ExportJob(decoder, loaded, target, tmp))
         except LlmshipError:
             raise
         except Exception as exc:
@@ -158,7 +160,8 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
     parity.update(greedy_match=matched, greedy_total=total, greedy_fraction=matched / total if total else 0.0,
                   ppl_ratio=parity["ppl"] / parity["ppl_reference"])
     say(f"{target.name}: latency and memory (separate process, {target.threads} threads)")
-    timing = run_in_child(artifact_dir, target.threads, config.evaluation.latency_runs)
+    with stage(f"{target.name}: timing"):
+        timing = run_in_child(artifact_dir, target.threads, config.evaluation.latency_runs)
     total_bytes = sum(f["bytes"] for f in integrity["files"].values())
     params = manifest["model"]["params"]
     report = {

@@ -7,6 +7,7 @@ from typing import Sequence
 import numpy as np
 
 from llmship.errors import ConfigError
+from llmship.progress import bar
 
 
 @dataclass(frozen=True)
@@ -18,19 +19,13 @@ class EvalPlan:
     greedy_tokens: int
 
 
-def _progress(iterable, desc: str, total: int | None = None):
-    from tqdm import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, leave=False, unit="tok", mininterval=1.0)
-
-
 def teacher_forced(runner, plan: EvalPlan, desc: str = "teacher-forced") -> np.ndarray:
     """Logits [N, vocab] at every position: prefill chunks first, then one decode step per token."""
     runner.reset()
     toks, out = plan.tokens, []
     for start in range(0, plan.prefill_tokens, plan.chunk):
         out.append(np.asarray(runner.prefill(toks[start:min(start + plan.chunk, plan.prefill_tokens)], start), dtype=np.float32))
-    for pos in _progress(range(plan.prefill_tokens, len(toks)), desc, len(toks) - plan.prefill_tokens):
+    for pos in bar(range(plan.prefill_tokens, len(toks)), desc, len(toks) - plan.prefill_tokens):
         out.append(np.asarray(runner.decode(toks[pos], pos), dtype=np.float32)[None, :])
     return np.concatenate(out, axis=0)
 
@@ -56,7 +51,7 @@ def sample_text(reference, bos: int | None, n: int, seed: int, vocab: int) -> li
     reference.reset()
     tokens = [bos if bos is not None else int(rng.integers(vocab))]
     logits = reference.prefill(tokens, 0)[-1]
-    for pos in _progress(range(1, n), "sampling eval text", n - 1):
+    for pos in bar(range(1, n), "sampling eval text", n - 1):
         p = np.exp(logits - logits.max())
         tokens.append(int(rng.choice(len(p), p=p / p.sum())))
         logits = reference.decode(tokens[-1], pos)
