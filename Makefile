@@ -10,7 +10,7 @@ CONFIG ?=
 TARGETS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast build export validate report android ios lint clean venv
+.PHONY: run test test-fast build export validate report android ios bench bench-quick lint clean venv
 
 venv: $(STAMP)
 
@@ -51,8 +51,14 @@ validate: $(STAMP)  ## make validate OUT=... TARGET=...
 report: $(STAMP)  ## render report.md / report.html / junit.xml for everything under OUT
 	$(BIN)/llmship report $(OUT)
 
+bench: $(STAMP)  ## SmolLM2-135M against the runtimes' first-party exporters -> bench/results.{json,md}, bench/plot.svg
+	$(BIN)/llmship bench --out bench
+
+bench-quick: $(STAMP)  ## the same on ../shared/models/stories260K
+	$(BIN)/llmship bench --quick --out bench/quick
+
 lint: $(STAMP)
 	$(BIN)/ruff check llmship tests
 
 clean:
-	rm -rf $(OUT) .pytest_cache
+	rm -rf $(OUT) .pytest_cache bench/work
