@@ -10,7 +10,7 @@ CONFIG ?=
 TARGETS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast build export validate report android ios bench bench-quick lint clean venv
+.PHONY: run test test-full test-fast build export validate report android ios bench bench-quick lint clean venv
 
 venv: $(STAMP)
 
@@ -27,7 +27,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)  ## build and validate the default targets for the built-in SmolLM2 into dist/
 	$(BIN)/llmship build --out $(OUT) --set model=$(MODEL)
 
-test: $(STAMP)  ## the whole test suite
+test: $(STAMP)  ## the test suite CI runs: everything but the SmolLM2 conversions (those are `make test-full`)
+	$(BIN)/python -m pytest tests -m "not (smollm2 and slow)" $(PYTEST_ARGS)
+
+test-full: $(STAMP)  ## every test, including exporting and validating SmolLM2 on each runtime (long)
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 test-fast: $(STAMP)  ## unit tests only (seconds)

@@ -41,7 +41,6 @@ def test_cache_io_export_matches_reference(family):
     assert (torch.cat([logits[0], step[0]]) - hf_logits(hf, ids)).abs().max().item() <= 1e-4
 
 
-@pytest.mark.slow
 @pytest.mark.smollm2
 def test_smollm2_matches_transformers_loading_the_same_gguf(smollm2):
     """Independent loaders: transformers reads the GGUF itself (its own dequantization and q/k layout)."""
