@@ -1,0 +1,217 @@
+"""The `coreml` format: a stateful ML program `model.mlpackage` for Core ML (minimum deployment iOS 18).
+
+How it is built:
+1. The canonical model with an fp16 KV cache (Core ML states must be fp16) is torch.export'ed
+   (llmship.models.export.export_stateful); coremltools 9 converts an ExportedProgram whose mutated
+   buffers become Core ML states (`read_state` at entry, `coreml_update_state` after each write).
+   The canonical cache write, `index_copy_`, has no coremltools translation; this module registers one
+   that lowers it to MIL `scatter` along the position axis: exactly index_copy's meaning, so the canonical
+   model stays untouched (no data-dependent slicing, any positions).
+2. Each entry point is converted separately, compressed with coremltools.optimize.coreml (int8 per
+   channel, int4 per block, or 4-bit palettization per channel group), and the two are merged with
+   `save_multifunction`, which stores every weight once.
+
+Why two functions of one multifunction model rather than one flexible-length function: `decode`, the
+hot path an app calls once per token, gets fully static shapes ([1, 1] tokens), which Core ML can plan
+once and place on the GPU/Neural Engine; `prefill` keeps a flexible length (RangeDim 1..max prefill
+length), so an app passes any prompt chunk without padding and no padded positions ever reach the
+cache. Both read and write the same states, so one `model.makeState()` serves both functions (Core ML
+shares a state between functions whose state descriptions match). The cost is converting twice; weight
+storage is shared, so the file is no larger than one function.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from llmship.errors import ConfigError
+from llmship.exporters import ExportJob, ExportResult, tensor_spec
+
+PACKAGE = "model.mlpackage"
+FUNCTIONS = ("prefill", "decode")
+
+
+def check_target(target) -> None:
+    """Raise ConfigError for a profile this format cannot express."""
+    recipe = target.recipe
+    if target.kv_cache_dtype != "fp16":
+        raise ConfigError(f"coreml: kv_cache_dtype must be fp16 (Core ML states are fp16), got {target.kv_cache_dtype}")
+    if recipe.activations == "int8":
+        raise ConfigError("coreml: recipe.activations int8 needs calibration data, which this exporter does not take; "
+                          "use activations fp16 (or fp32 with compute fp32)")
+    if recipe.activations != recipe.compute:
+        raise ConfigError(f"coreml: recipe.activations ({recipe.activations}) must equal recipe.compute ({recipe.compute}); "
+                          "an ML program computes and stores activations in one precision")
+    if recipe.weights in ("fp32", "fp16") and recipe.weights != recipe.compute:
+        raise ConfigError(f"coreml: recipe.weights {recipe.weights} needs recipe.compute {recipe.weights} "
+                          "(uncompressed weights are stored in the compute precision)")
+    if recipe.embedding not in ("same", recipe.weights, "fp16"):
+        raise ConfigError(f"coreml: recipe.embedding {recipe.embedding} is not supported; use 'same' or 'fp16'")
+    if recipe.embedding == "fp16" and recipe.compute != "fp16":
+        raise ConfigError("coreml: recipe.embedding fp16 needs recipe.compute fp16")
+
+
+def optimization_config(recipe, keep_fp16: tuple[str, ...] = ()):
+    """The coremltools.optimize.coreml config for the recipe's weights, or None for fp16/fp32 weights."""
+    import coremltools.optimize.coreml as cto
+
+    if recipe.weights in ("fp16", "fp32"):
+        return None
+    if recipe.weights == "int8":
+        op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel") \
+            if recipe.group_size is None else \
+            cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_block", block_size=recipe.group_size)
+    elif recipe.weights == "int4":
+        op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block",
+                                         block_size=recipe.group_size or 32)
+    else:  # pal4: a 16-entry lookup table per group of output channels, clustered by k-means
+        op = cto.OpPalettizerConfig(mode="kmeans", nbits=4, granularity="per_grouped_channel", group_size=recipe.group_size or 16)
+    return cto.OptimizationConfig(global_config=op, op_name_configs={name: None for name in keep_fp16})
+
+
+def compress(mlmodel, recipe, spec):
+    import coremltools.optimize.coreml as cto
+
+    config = optimization_config(recipe, fp16_consts(mlmodel, recipe, spec))
+    if config is None:
+        return mlmodel
+    if recipe.weights == "pal4":
+        return cto.palettize_weights(mlmodel, config)
+    return cto.linear_quantize_weights(mlmodel, config)
+
+
+def fp16_consts(mlmodel, recipe, spec) -> tuple[str, ...]:
+    """Const ops the recipe leaves uncompressed: all but the linear weights and the embedding table.
+
+    coremltools compresses every float const above 2048 elements; that would also quantize the rope
+    cos/sin tables (SmolLM2: [max_context, 64]), whose errors rotate every query and key. With
+    recipe.embedding fp16 the embedding table (and a head tied to it) stays fp16 too.
+    """
+    func = mlmodel._mil_program.functions["main"]
+
+    def const_input(op, name):
+        var = op.inputs.get(name)
+        return var.op.name if var is not None and var.op is not None and var.op.op_type == "const" else None
+
+    weights = {const_input(op, "weight") for op in func.find_ops(op_type="linear")}
+    embedding = {const_input(op, "x") for op in func.find_ops(op_type="gather")
+                 if tuple(op.inputs["x"].shape) == (spec.vocab_size, spec.hidden_size)}
+    compressed = (weights | embedding) - (embedding if recipe.embedding == "fp16" else set()) - {None}
+    return tuple(op.name for op in func.find_ops(op_type="const") if op.name not in compressed)
+
+
+def register_index_copy() -> None:
+    """Teach coremltools' torch frontend `aten.index_copy` as MIL `scatter` (mode update) along `dim`."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.torch.ops import _get_inputs
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY, register_torch_op
+    from coremltools.converters.mil.mil.types.type_mapping import builtin_to_string
+
+    if _TORCH_OPS_REGISTRY.get_func("index_copy") is not None:
+        return  # coremltools has its own (a newer release): use it
+
+    def index_copy(context, node):
+        x, dim, index, source = _get_inputs(context, node, expected=4)
+        if source.dtype != x.dtype:  # the state was read as fp16 and cast; the update follows the cache's dtype
+            source = mb.cast(x=source, dtype=builtin_to_string(x.dtype))
+        context.add(mb.scatter(data=x, indices=index, updates=source, axis=dim.val, mode="update", name=node.name))
+
+    register_torch_op(index_copy)
+
+
+def runs_in_fp16(op) -> bool:
+    """The fp16 program's op selector: everything fp16 except the RMSNorm statistic (x^2, its mean, + eps,
+    rsqrt, and x * rsqrt), kept fp32. Llama-family residual streams carry massive activations (SmolLM2-135M:
+    |x| up to 2.2e4, mean(x^2) up to 8e5), beyond fp16's 65504: an fp16 statistic overflows to inf and
+    the layer outputs zeros."""
+    if op.op_type in ("pow", "reduce_mean", "rsqrt"):
+        return False
+    producers = {v.op.op_type for v in op.inputs.values() if hasattr(v, "op") and v.op is not None}
+    return not (op.op_type in ("add", "mul") and producers & {"reduce_mean", "rsqrt"})
+
+
+def convert_function(program, length, max_prefill: int, precision: str):
+    """One entry point as a single-function ML program: tokens [1, length], input_pos [1] -> logits."""
+    import coremltools as ct
+    import numpy as np
+
+    tokens_shape = (1, ct.RangeDim(1, max_prefill, default=1, symbol="T")) if length is None else (1, length)
+    return ct.convert(
+        program.run_decompositions({}),
+        inputs=[ct.TensorType(name="tokens", shape=tokens_shape, dtype=np.int32),
+                ct.TensorType(name="input_pos", shape=(1,), dtype=np.int32)],
+        outputs=[ct.TensorType(name="logits", dtype=np.float16 if precision == "fp16" else np.float32)],
+        minimum_deployment_target=ct.target.iOS18,
+        compute_precision=ct.transform.FP16ComputePrecision(op_selector=runs_in_fp16) if precision == "fp16" else ct.precision.FLOAT32,
+        skip_model_load=True,  # no Core ML runtime on Linux; macOS compiles it when it is opened
+    )
+
+
+def export(job: ExportJob) -> ExportResult:
+    import coremltools as ct
+    import torch
+
+    from llmship.models import build_decoder
+    from llmship.models.export import export_stateful
+
+    target, recipe = job.target, job.target.recipe
+    check_target(target)
+    register_index_copy()
+    max_prefill = max(target.prefill_lengths)
+    decoder = build_decoder(job.loaded, target.max_context, torch.float16)
+    programs = export_stateful(decoder, max_prefill)
+    programs.setdefault("prefill", programs["decode"])  # max_prefill == 1: both functions take one token
+    with tempfile.TemporaryDirectory(dir=job.out_dir) as tmp:
+        descriptor = ct.utils.MultiFunctionDescriptor()
+        for name in FUNCTIONS:
+            length = None if name == "prefill" and max_prefill > 1 else 1
+            mlmodel = compress(convert_function(programs[name], length, max_prefill, recipe.compute), recipe, job.loaded.spec)
+            path = Path(tmp) / f"{name}.mlpackage"
+            mlmodel.save(str(path))
+            descriptor.add_function(str(path), src_function_name="main", target_function_name=name)
+        descriptor.default_function_name = "decode"
+        ct.utils.save_multifunction(descriptor, str(job.out_dir / PACKAGE))
+    return _result(job, max_prefill)
+
+
+def _result(job: ExportJob, max_prefill: int) -> ExportResult:
+    spec, target, recipe = job.loaded.spec, job.target, job.target.recipe
+    logits_dtype = "float16" if recipe.compute == "fp16" else "float32"
+    cache_shape = [1, spec.num_kv_heads, target.max_context, spec.head_dim]
+    states = [tensor_spec(f"{kv}_cache_{i}", "float16", cache_shape) for i in range(spec.num_layers) for kv in ("k", "v")]
+
+    def entry(name: str, t) -> dict:
+        return {"file": PACKAGE, "function": name,
+                "inputs": [tensor_spec("tokens", "int32", [1, t]), tensor_spec("input_pos", "int32", [1])],
+                "outputs": [tensor_spec("logits", logits_dtype, [1, t, spec.vocab_size])],
+                "states": states}
+
+    return ExportResult(
+        entry_points={"prefill": entry("prefill", "T" if max_prefill > 1 else 1), "decode": entry("decode", 1)},
+        kv_cache={"held_as": "state", "dtype": "float16", "state_names": ["k_cache_{layer}", "v_cache_{layer}"],
+                  "usage": "one MLState from makeState() on either function serves both; a new one is an empty cache"},
+        toolchain=("coremltools", "numpy"),
+        extra={"coreml": {
+            "package": PACKAGE,
+            "model_type": "mlProgram",
+            "minimum_deployment_target": "iOS18",
+            "functions": list(FUNCTIONS),
+            "default_function": "decode",
+            "prefill_length": {"min": 1, "max": max_prefill, "kind": "RangeDim"},
+            "compute_precision": recipe.compute,
+            "weights": _weights_note(recipe),
+            "cache_write": "MIL scatter at input_pos + arange(T) along the position axis",
+        }},
+    )
+
+
+def _weights_note(recipe) -> str:
+    return {
+        "fp16": "fp16",
+        "fp32": "fp32",
+        "int8": "int8 symmetric, " + ("per output channel" if recipe.group_size is None else f"per block of {recipe.group_size}")
+                + " (constexpr_blockwise_shift_scale)",
+        "int4": f"int4 symmetric, per block of {recipe.group_size or 32} input channels (constexpr_blockwise_shift_scale)",
+        "pal4": f"4-bit k-means palettization, one 16-entry fp16 table per {recipe.group_size or 16} output channels "
+                "(constexpr_lut_to_dense)",
+    }[recipe.weights] + ("; embedding kept fp16" if recipe.embedding == "fp16" and recipe.weights not in ("fp16", "fp32") else "")

@@ -1,0 +1,62 @@
+"""ExecuTorch runner: the artifact's `model.pte` on ExecuTorch's C++ runtime (Python bindings), XNNPACK backend."""
+from __future__ import annotations
+
+from importlib.metadata import version
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from llmship.errors import ConfigError
+from llmship.validation.runners import require
+
+INSTALL = "pip install executorch==1.5.1"
+
+
+class ExecuTorchRunner:
+    def __init__(self, artifact_dir: Path, manifest: dict, threads: int):
+        runtime = require("executorch.runtime", "ExecuTorch", INSTALL)
+        portable_lib = require("executorch.extension.pybindings.portable_lib", "ExecuTorch", INSTALL)
+        # Importing these registers their kernels with the runtime: the program calls llama::update_cache,
+        # llama::custom_sdpa and (quantized embeddings) quantized_decomposed::embedding_*.
+        require("executorch.extension.llm.custom_ops.custom_ops", "ExecuTorch LLM custom ops", INSTALL)
+        require("executorch.kernels.quantized", "ExecuTorch quantized kernels", INSTALL)
+        import torch
+
+        self._torch = torch
+        # XNNPACK runs on the runtime's one process-wide threadpool; this is how its size is set from Python.
+        portable_lib._unsafe_reset_threadpool(int(threads))
+        self.threads = portable_lib._threadpool_get_thread_count()
+        entry = manifest["entry_points"]
+        self.max_prefill = max(manifest["prefill_lengths"])
+        self.max_context = manifest["max_context"]
+        self._program = runtime.Runtime.get().load_program(Path(artifact_dir) / entry["prefill"]["file"])
+        # Both methods come from one Program, so they share its planned memory and with it the KV cache.
+        self._prefill = self._program.load_method(entry["prefill"]["method"])
+        self._decode = self._program.load_method(entry["decode"]["method"])
+        self.executor = f"executorch {version('executorch')} XnnpackBackend ({self.threads} threads)"
+
+    def _run(self, method, tokens: Sequence[int], input_pos: int) -> np.ndarray:
+        t = len(tokens)
+        if input_pos < 0 or input_pos + t > self.max_context:
+            raise ConfigError(f"positions {input_pos}..{input_pos + t - 1} do not fit the KV cache of max_context {self.max_context}")
+        torch = self._torch
+        ids = torch.tensor([list(tokens)], dtype=torch.int64)
+        (logits,) = method.execute([ids, torch.tensor([input_pos], dtype=torch.int64)])
+        return logits[0].numpy().astype(np.float32, copy=True)
+
+    def prefill(self, tokens: Sequence[int], input_pos: int) -> np.ndarray:
+        if not 1 <= len(tokens) <= self.max_prefill:
+            raise ConfigError(f"prefill takes 1..{self.max_prefill} tokens, got {len(tokens)}")
+        return self._run(self._prefill, tokens, input_pos)
+
+    def decode(self, token: int, input_pos: int) -> np.ndarray:
+        return self._run(self._decode, [int(token)], input_pos)[0]
+
+    def reset(self) -> None:
+        # Nothing to clear: attention reads only cache positions < input_pos + T, all written by this
+        # sequence, so a new sequence starting at input_pos 0 never sees the old one's entries.
+        pass
+
+    def close(self) -> None:
+        self._prefill = self._decode = self._program = None

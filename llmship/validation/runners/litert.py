@@ -1,0 +1,96 @@
+"""The LiteRT runner: ai-edge-litert's Interpreter calling the artifact's `prefill_<T>` / `decode` signatures.
+
+The interpreter is created with the default op resolver, which applies LiteRT's default CPU delegate,
+XNNPACK, to every subgraph when tensors are first allocated; `executor` says how many partitions it took
+in the first signature (counted from the interpreter's node list, where each delegated partition is one
+DELEGATE node). Ops XNNPACK does not take (the cache's dynamic_update_slice, the rope-table gather, the
+mask comparisons) run on LiteRT's builtin kernels.
+The KV cache lives in this object as numpy arrays: each call passes them in and keeps what comes out.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from llmship.errors import ConfigError
+from llmship.validation.runners import require
+
+PAD_TOKEN = 0  # any valid id: padded rows are never attended before being overwritten
+
+
+def plan_chunks(n: int, input_pos: int, lengths: Sequence[int], max_context: int) -> list[tuple[int, int]]:
+    """Split n tokens starting at input_pos into (signature length, real tokens) calls: the smallest
+    prefill length that holds the rest, padded, when it fits in the cache; otherwise the longest length
+    that needs no padding; otherwise one decode step (length 1). No call writes past max_context."""
+    calls, pos = [], input_pos
+    while n > 0:
+        fits = [t for t in lengths if pos + t <= max_context]
+        padded = [t for t in fits if t >= n]
+        exact = [t for t in fits if t <= n]
+        t = min(padded) if padded else max(exact) if exact else 1
+        calls.append((t, min(t, n)))
+        n, pos = n - min(t, n), pos + min(t, n)
+    return calls
+
+
+class LiteRTRunner:
+    def __init__(self, artifact_dir: Path, manifest: dict, threads: int = 2):
+        interpreter_mod = require("ai_edge_litert.interpreter", "LiteRT (ai-edge-litert)", "pip install ai-edge-litert==2.3.0")
+        from importlib.metadata import version
+
+        entries = manifest["entry_points"]
+        self.path = Path(artifact_dir) / entries["decode"]["file"]
+        self.max_context = int(manifest["max_context"])
+        self.lengths = sorted(int(t) for t in manifest["prefill_lengths"])
+        self.interpreter = interpreter_mod.Interpreter(model_path=str(self.path), num_threads=threads)
+        # The default delegate (XNNPACK) is applied lazily, by the first allocation; this must come before
+        # signature runners exist (they hold references the interpreter's safety check refuses).
+        self.interpreter.allocate_tensors()
+        delegated = sum(op["op_name"] == "DELEGATE" for op in self.interpreter._get_ops_details())
+        available = set(self.interpreter.get_signature_list())
+        wanted = {f"prefill_{t}" for t in self.lengths} | {"decode"}
+        if not wanted <= available:
+            raise ConfigError(f"{self.path} lacks signatures {sorted(wanted - available)} named in its manifest")
+        self.signatures = {name: self.interpreter.get_signature_runner(name) for name in wanted}
+        self.cache_specs = {t["name"]: t for t in entries["decode"]["inputs"] if t["name"] not in ("tokens", "input_pos")}
+        self.reset()
+        self.executor = (f"ai-edge-litert {version('ai-edge-litert')} CPU, {threads} threads, "
+                         + (f"XNNPACK delegate ({delegated} partitions in the first signature)" if delegated else "builtin kernels (no delegate)"))
+
+    def reset(self) -> None:
+        self.cache = {name: np.zeros(s["shape"], dtype=np.dtype(s["dtype"])) for name, s in self.cache_specs.items()}
+
+    def _call(self, length: int, tokens: list[int], input_pos: int) -> np.ndarray:
+        name = "decode" if length == 1 else f"prefill_{length}"
+        padded = np.full((1, length), PAD_TOKEN, dtype=np.int32)
+        padded[0, :len(tokens)] = tokens
+        positions = np.arange(input_pos, input_pos + length, dtype=np.int32)
+        out = self.signatures[name](tokens=padded, input_pos=positions, **self.cache)
+        logits = out.pop("logits")
+        self.cache = out
+        return logits[0, :len(tokens)].astype(np.float32, copy=False)
+
+    def _check(self, t: int, input_pos: int) -> None:
+        if t < 1:
+            raise ConfigError("prefill needs at least one token")
+        if input_pos < 0 or input_pos + t > self.max_context:
+            raise ConfigError(f"positions {input_pos}..{input_pos + t - 1} do not fit the KV cache of max_context {self.max_context}")
+
+    def prefill(self, tokens: Sequence[int], input_pos: int) -> np.ndarray:
+        tokens = [int(t) for t in tokens]
+        self._check(len(tokens), input_pos)
+        out, done = [], 0
+        for length, n in plan_chunks(len(tokens), input_pos, self.lengths, self.max_context):
+            out.append(self._call(length, tokens[done:done + n], input_pos + done))
+            done += n
+        return np.concatenate(out, axis=0)
+
+    def decode(self, token: int, input_pos: int) -> np.ndarray:
+        self._check(1, input_pos)
+        return self._call(1, [int(token)], input_pos)[0]
+
+    def close(self) -> None:
+        self.signatures.clear()
+        self.interpreter = None
