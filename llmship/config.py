@@ -48,7 +48,8 @@ class Gates(Strict):
     ttft_ms_max: float | None = Field(default=None, gt=0)
     # Regression against --baseline: allowed worsening in percent.
     regression_size_pct: float = Field(default=5.0, ge=0)
-    regression_decode_pct: float = Field(default=25.0, ge=0)
+    # 60%: 5 runs of decode on stories260K here spread from 0.49x to 1.45x of their median (shared 2-core machine).
+    regression_decode_pct: float = Field(default=60.0, ge=0)
     regression_kl_pct: float = Field(default=10.0, ge=0)
 
 
