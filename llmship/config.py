@@ -98,7 +98,7 @@ class BuildConfig(Strict):
     overrides: dict[str, dict[str, Any]] = {}  # target name -> fields of its profile to override
     # `llmship build --platform NAME` builds these target sets into the app-ready layouts.
     platforms: dict[Literal["android", "ios"], tuple[str, ...]] = {
-        "android": ("executorch-8da4w", "litert-int8"),
+        "android": ("executorch-8da4w", "litert-int8", "onnx-int4"),
         "ios": ("coreml-int4", "executorch-8da4w"),
     }
 

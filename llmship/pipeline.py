@@ -52,16 +52,20 @@ def manifest_body(loaded, target, result) -> dict:
 
 def export_artifact(loaded, target, out_dir: str | Path, debug: bool = False, inputs_sha256: str | None = None) -> Path:
     """Build one target's artifact directory atomically; returns its path."""
-    from llmship.exporters import ExportJob, get_exporter
+    import contextlib
+
+    from llmship.exporters import ExportJob, get_exporter, quiet
     from llmship.manifest import atomic_directory, write_manifest
     from llmship.models import build_decoder
 
     out_dir = Path(out_dir)
-    exporter = get_exporter(target.format)
+    hush = contextlib.nullcontext if debug else quiet
+    with hush():
+        exporter = get_exporter(target.format)
     decoder = build_decoder(loaded, target.max_context)
     with atomic_directory(out_dir) as tmp:
         try:
-            with stage(f"{target.name}: converting"):
+            with stage(f"{target.name}: converting"), hush():
                 result = exporter.export(ExportJob(decoder, loaded, target, tmp))
         except LlmshipError:
             raise

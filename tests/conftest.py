@@ -15,6 +15,24 @@ def stories_dir() -> Path:
     return STORIES
 
 
+@pytest.fixture(scope="session")
+def tiny():
+    """builtin:tiny, loaded once for the session (tests that change weights make a copy)."""
+    from llmship.models import load_model
+
+    return load_model("builtin:tiny")
+
+
+@pytest.fixture(scope="session")
+def stories():
+    """../shared/models/stories260K, loaded once for the session."""
+    from llmship.models import load_model
+
+    if not (STORIES / "model.safetensors").is_file():
+        pytest.skip(f"../shared/models/stories260K is absent ({STORIES}); it exists only in the development checkout")
+    return load_model(str(STORIES))
+
+
 def smollm2_available() -> bool:
     import importlib.util
 

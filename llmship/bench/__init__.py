@@ -41,15 +41,15 @@ def row(**values) -> dict:
     return r
 
 
-def parity_vs_reference(logits, ctx: BenchContext) -> dict:
-    """KL mean and top-1 agreement of an anchor's teacher-forced logits against our reference."""
+def parity_vs_reference(logits, eval_tokens: list[int], reference_logits) -> dict:
+    """KL mean and top-1 agreement of an anchor's teacher-forced logits against our reference (.npy path)."""
     import numpy as np
 
     from llmship.validation.evaluate import parity_metrics
 
-    ref = np.load(ctx.reference_logits)
+    ref = np.load(reference_logits)
     n = min(len(ref), len(logits))
-    metrics, _ = parity_metrics(np.asarray(logits[:n], dtype=np.float32), ref[:n], ctx.eval_tokens[:n])
+    metrics, _ = parity_metrics(np.asarray(logits[:n], dtype=np.float32), ref[:n], eval_tokens[:n])
     return {"kl_mean": metrics["kl_mean"], "top1_agreement": metrics["top1_agreement"]}
 
 

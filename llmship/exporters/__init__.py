@@ -6,7 +6,10 @@ pipeline adds tokenizer.json and manifest.json and makes the directory appear at
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,3 +54,21 @@ def get_exporter(fmt: str):
 
 def tensor_spec(name: str, dtype: str, shape: list) -> dict:
     return {"name": name, "dtype": dtype, "shape": list(shape)}
+
+
+@contextlib.contextmanager
+def quiet():
+    """The converters' chatter (deprecation warnings, optional kernels that did not load, passes logged at INFO)
+    is not the user's business; errors still surface as exceptions, and `--debug` lets it all through."""
+    loggers = [logging.getLogger(n) for n in ("", "torch", "torchao", "torch.onnx", "onnx_ir", "onnxruntime.quantization",
+                                              "coremltools", "executorch", "ai_edge_quantizer", "absl")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

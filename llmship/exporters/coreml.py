@@ -7,9 +7,10 @@ How it is built:
    The canonical cache write, `index_copy_`, has no coremltools translation; this module registers one
    that lowers it to MIL `scatter` along the position axis: exactly index_copy's meaning, so the canonical
    model stays untouched (no data-dependent slicing, any positions).
-2. Each entry point is converted separately, compressed with coremltools.optimize.coreml (int8 per
-   channel, int4 per block, or 4-bit palettization per channel group), and the two are merged with
-   `save_multifunction`, which stores every weight once.
+2. Each entry point is converted separately and its weights compressed: int8 per channel and 4-bit
+   palettization per channel group with coremltools.optimize.coreml; int4 per block by a graph pass of
+   this module run inside the conversion (see `int4_block_minmax` for why). The two functions are then
+   merged with `save_multifunction`, which stores every weight once.
 
 Why two functions of one multifunction model rather than one flexible-length function: `decode`, the
 hot path an app calls once per token, gets fully static shapes ([1, 1] tokens), which Core ML can plan
@@ -55,15 +56,12 @@ def optimization_config(recipe, keep_fp16: tuple[str, ...] = ()):
     """The coremltools.optimize.coreml config for the recipe's weights, or None for fp16/fp32 weights."""
     import coremltools.optimize.coreml as cto
 
-    if recipe.weights in ("fp16", "fp32"):
+    if recipe.weights in ("fp16", "fp32", "int4"):  # int4: see Int4BlockMinMax, applied during conversion
         return None
     if recipe.weights == "int8":
         op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel") \
             if recipe.group_size is None else \
             cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_block", block_size=recipe.group_size)
-    elif recipe.weights == "int4":
-        op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block",
-                                         block_size=recipe.group_size or 32)
     else:  # pal4: a 16-entry lookup table per group of output channels, clustered by k-means
         op = cto.OpPalettizerConfig(mode="kmeans", nbits=4, granularity="per_grouped_channel", group_size=recipe.group_size or 16)
     return cto.OptimizationConfig(global_config=op, op_name_configs={name: None for name in keep_fp16})
@@ -81,14 +79,20 @@ def compress(mlmodel, recipe, spec):
 
 
 def fp16_consts(mlmodel, recipe, spec) -> tuple[str, ...]:
-    """Const ops the recipe leaves uncompressed: all but the linear weights and the embedding table.
-
-    coremltools compresses every float const above 2048 elements; that would also quantize the rope
-    cos/sin tables (SmolLM2: [max_context, 64]), whose errors rotate every query and key. With
-    recipe.embedding fp16 the embedding table (and a head tied to it) stays fp16 too.
-    """
+    """Const ops the recipe leaves uncompressed (coremltools.optimize compresses every float const above
+    2048 elements unless told otherwise)."""
     func = mlmodel._mil_program.functions["main"]
+    keep = compressible_consts(func, spec, recipe.embedding == "fp16")
+    return tuple(op.name for op in func.find_ops(op_type="const") if op.name not in keep)
 
+
+def compressible_consts(func, spec, embedding_fp16: bool) -> set[str]:
+    """Names of the const ops a recipe compresses: the linear weights and the embedding table.
+
+    Everything else stays fp16: the rope cos/sin tables (SmolLM2: [max_context, 64]; quantizing them
+    rotates every query and key wrongly), norms and masks. With recipe.embedding fp16 the embedding
+    table, and a head tied to it, stay fp16 too.
+    """
     def const_input(op, name):
         var = op.inputs.get(name)
         return var.op.name if var is not None and var.op is not None and var.op.op_type == "const" else None
@@ -96,8 +100,63 @@ def fp16_consts(mlmodel, recipe, spec) -> tuple[str, ...]:
     weights = {const_input(op, "weight") for op in func.find_ops(op_type="linear")}
     embedding = {const_input(op, "x") for op in func.find_ops(op_type="gather")
                  if tuple(op.inputs["x"].shape) == (spec.vocab_size, spec.hidden_size)}
-    compressed = (weights | embedding) - (embedding if recipe.embedding == "fp16" else set()) - {None}
-    return tuple(op.name for op in func.find_ops(op_type="const") if op.name not in compressed)
+    return (weights | embedding) - (embedding if embedding_fp16 else set()) - {None}
+
+
+def int4_block_minmax(w, block: int):
+    """Asymmetric 4-bit quantization per block of `block` input channels, with fp16 scale AND fp16 offset:
+    w ~= scale * (q - offset), q in 0..15, scale = (max - min) / 15, offset = -min / scale.
+
+    Why not coremltools' int4 (linear_quantize_weights): its symmetric mode spends a level on each side of 0,
+    and its asymmetric mode widens every block's range to include 0 and rounds the offset to an integer.
+    Weights already on a 4-bit grid (SmolLM2's GGUF: Q4_1, min + d * q per block of 32) then land between
+    grid points; simulated on SmolLM2 that costs KL 0.53-0.56 against the reference, while min/max with an
+    fp16 offset reproduces the grid (KL 1e-5). The Core ML op, constexpr_blockwise_shift_scale, takes an
+    fp16 offset as it is (iOS 18).
+    """
+    import numpy as np
+
+    out_ch, in_ch = w.shape
+    blocks = w.astype(np.float32).reshape(out_ch, in_ch // block, block)
+    lo, hi = blocks.min(-1), blocks.max(-1)
+    scale = np.where(hi > lo, (hi - lo) / 15, 1.0).astype(np.float16)
+    offset = (-lo / scale.astype(np.float32)).astype(np.float16)
+    q = np.rint(blocks / scale.astype(np.float32)[..., None] + offset.astype(np.float32)[..., None])
+    return np.clip(q, 0, 15).astype(np.uint8).reshape(out_ch, in_ch), scale, offset
+
+
+def register_int4_pass() -> str:
+    """Register (once) the graph pass that replaces compressible consts by int4 blocks; returns its name."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY, register_pass
+
+    name = "llmship::int4_block_minmax"
+    if name in PASS_REGISTRY:
+        return name
+
+    @register_pass(namespace="llmship")
+    class int4_block_minmax_pass(AbstractGraphPass):  # noqa: N801 (coremltools names passes in snake case)
+        def __init__(self):
+            self.block_size, self.spec, self.embedding_fp16 = 32, None, False
+
+        def apply(self, prog):
+            for func in prog.functions.values():
+                names = compressible_consts(func, self.spec, self.embedding_fp16)
+                with func:
+                    for op in list(func.find_ops(op_type="const")):
+                        w = op.outputs[0].val
+                        if op.name not in names or w.ndim != 2 or w.shape[1] % self.block_size:
+                            continue  # a matrix whose input width is not a multiple of the block stays fp16
+                        q, scale, offset = int4_block_minmax(w, self.block_size)
+                        new = mb.constexpr_blockwise_shift_scale(data=q.astype(types.np_uint4_dtype), scale=scale.astype(w.dtype),
+                                                                 offset=offset, before_op=op, name=op.name + "_int4")
+                        func.replace_uses_of_var_after_op(anchor_op=new.op, old_var=op.outputs[0], new_var=new)
+                        func.remove_ops([op])
+
+    PASS_REGISTRY.add("llmship", int4_block_minmax_pass, True, "int4_block_minmax")
+    return name
 
 
 def register_index_copy() -> None:
@@ -130,12 +189,18 @@ def runs_in_fp16(op) -> bool:
     return not (op.op_type in ("add", "mul") and producers & {"reduce_mean", "rsqrt"})
 
 
-def convert_function(program, length, max_prefill: int, precision: str):
+def convert_function(program, length, max_prefill: int, recipe, spec):
     """One entry point as a single-function ML program: tokens [1, length], input_pos [1] -> logits."""
     import coremltools as ct
     import numpy as np
 
+    precision = recipe.compute
     tokens_shape = (1, ct.RangeDim(1, max_prefill, default=1, symbol="T")) if length is None else (1, length)
+    pipeline = ct.PassPipeline.DEFAULT
+    if recipe.weights == "int4":  # last in the pipeline: after fp16 casting and const folding
+        name = register_int4_pass()
+        pipeline.append_pass(name)
+        pipeline.set_options(name, {"block_size": recipe.group_size or 32, "spec": spec, "embedding_fp16": recipe.embedding == "fp16"})
     return ct.convert(
         program.run_decompositions({}),
         inputs=[ct.TensorType(name="tokens", shape=tokens_shape, dtype=np.int32),
@@ -143,6 +208,7 @@ def convert_function(program, length, max_prefill: int, precision: str):
         outputs=[ct.TensorType(name="logits", dtype=np.float16 if precision == "fp16" else np.float32)],
         minimum_deployment_target=ct.target.iOS18,
         compute_precision=ct.transform.FP16ComputePrecision(op_selector=runs_in_fp16) if precision == "fp16" else ct.precision.FLOAT32,
+        pass_pipeline=pipeline,
         skip_model_load=True,  # no Core ML runtime on Linux; macOS compiles it when it is opened
     )
 
@@ -165,7 +231,7 @@ def export(job: ExportJob) -> ExportResult:
         descriptor = ct.utils.MultiFunctionDescriptor()
         for name in FUNCTIONS:
             length = None if name == "prefill" and max_prefill > 1 else 1
-            mlmodel = compress(convert_function(programs[name], length, max_prefill, recipe.compute), recipe, job.loaded.spec)
+            mlmodel = compress(convert_function(programs[name], length, max_prefill, recipe, job.loaded.spec), recipe, job.loaded.spec)
             path = Path(tmp) / f"{name}.mlpackage"
             mlmodel.save(str(path))
             descriptor.add_function(str(path), src_function_name="main", target_function_name=name)
@@ -211,7 +277,8 @@ def _weights_note(recipe) -> str:
         "fp32": "fp32",
         "int8": "int8 symmetric, " + ("per output channel" if recipe.group_size is None else f"per block of {recipe.group_size}")
                 + " (constexpr_blockwise_shift_scale)",
-        "int4": f"int4 symmetric, per block of {recipe.group_size or 32} input channels (constexpr_blockwise_shift_scale)",
+        "int4": f"uint4 per block of {recipe.group_size or 32} input channels, fp16 scale and fp16 offset from each block's "
+                "min/max (constexpr_blockwise_shift_scale)",
         "pal4": f"4-bit k-means palettization, one 16-entry fp16 table per {recipe.group_size or 16} output channels "
                 "(constexpr_lut_to_dense)",
     }[recipe.weights] + ("; embedding kept fp16" if recipe.embedding == "fp16" and recipe.weights not in ("fp16", "fp32") else "")

@@ -135,6 +135,8 @@ def quant_plan(recipe, spec) -> QuantPlan:
     """Map a Recipe onto XNNPACK's kernels, rejecting what they cannot run."""
     if recipe.compute != "fp32":
         raise ConfigError("executorch: recipe.compute must be fp32 (the XNNPACK path here computes in fp32)")
+    if recipe.weights == "int4" and recipe.group_size is not None and recipe.group_size % 32:
+        raise ConfigError(f"executorch: XNNPACK's int4 kernels need recipe.group_size a multiple of 32, got {recipe.group_size}")
     if recipe.weights == "int8" and recipe.group_size is not None:
         raise ConfigError("executorch: int8 weights are per-channel on XNNPACK; recipe.group_size applies to int4 only")
     if recipe.weights == "fp32" and recipe.activations != "fp32":
@@ -152,39 +154,48 @@ def quant_plan(recipe, spec) -> QuantPlan:
     return QuantPlan(linears, head, embedding)
 
 
-def _granularity(q: WeightQuant, in_features: int):
-    """(torchao granularity, effective group or None). A group that does not divide the row falls back to
-    one scale per channel, because XNNPACK's blockwise kernels need whole groups."""
+def linear_quant(q: WeightQuant, in_features: int) -> WeightQuant:
+    """What a linear of `in_features` inputs actually gets. XNNPACK's int4 kernels need whole groups (a
+    "per-channel" int4 is a group of the whole row, which must be a multiple of 32 too), so a row the group
+    does not divide falls back to int8 per channel rather than to fp32 as ExecuTorch's own export does."""
+    if q.bits == 4 and in_features % q.group:
+        return WeightQuant(8, None)
+    return q
+
+
+def _granularity(group: int | None):
     from torchao.quantization.granularity import PerAxis, PerGroup
 
-    if q.group is not None and in_features % q.group == 0:
-        return PerGroup(q.group), q.group
-    return PerAxis(0), None
+    return PerGroup(group) if group is not None else PerAxis(0)
 
 
 def apply_quant(model: ExecuTorchDecoder, plan: QuantPlan, algorithm: str = QPARAMS_ALGORITHM) -> dict:
     """Quantize `model` in place with torchao; returns what was done (for the manifest)."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
 
-    done: dict = {"linears": [], "per_channel_fallback": []}
+    done: dict = {"int8_fallback": []}
 
-    def linear_config(q: WeightQuant, module: nn.Linear, name: str):
-        gran, group = _granularity(q, module.in_features)
-        if q.group is not None and group is None:
-            done["per_channel_fallback"].append(name)
-        return Int8DynamicActivationIntxWeightConfig(weight_dtype=getattr(torch, f"int{q.bits}"), weight_granularity=gran,
-                                                     intx_choose_qparams_algorithm=algorithm)
+    def quantize_linear(module: nn.Linear, q: WeightQuant, name: str) -> None:
+        actual = linear_quant(q, module.in_features)
+        if actual != q:
+            done["int8_fallback"].append(name)
+        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=getattr(torch, f"int{actual.bits}"),
+                                                       weight_granularity=_granularity(actual.group),
+                                                       intx_choose_qparams_algorithm=algorithm)
+        quantize_(module, config, filter_fn=None)
 
     with torch.no_grad():
-        for name, module in list(model.model.layers.named_modules()):
-            if isinstance(module, nn.Linear) and plan.linears is not None:
-                quantize_(module, linear_config(plan.linears, module, f"layers.{name}"), filter_fn=None)
+        if plan.linears is not None:
+            for name, module in list(model.model.layers.named_modules()):
+                if isinstance(module, nn.Linear):
+                    quantize_linear(module, plan.linears, f"layers.{name}")
         if plan.lm_head is not None:
-            quantize_(model.lm_head, linear_config(plan.lm_head, model.lm_head, "lm_head"), filter_fn=None)
+            quantize_linear(model.lm_head, plan.lm_head, "lm_head")
         if plan.embedding is not None:
-            emb = model.model.embed_tokens  # quantize_ swaps in a new parameter: a tied fp32 head keeps the old one
-            gran, _ = _granularity(plan.embedding, emb.embedding_dim)
-            config = IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{plan.embedding.bits}"), granularity=gran,
+            # quantize_ swaps in a new parameter, so a tied head left fp32 keeps the old one.
+            emb, q = model.model.embed_tokens, plan.embedding
+            group = q.group if q.group is not None and emb.embedding_dim % q.group == 0 else None
+            config = IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{q.bits}"), granularity=_granularity(group),
                                           intx_choose_qparams_algorithm=algorithm)
             quantize_(emb, config, filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
     return done
@@ -195,8 +206,8 @@ def apply_quant(model: ExecuTorchDecoder, plan: QuantPlan, algorithm: str = QPAR
 def _linear_bytes(out_f: int, in_f: int, q: WeightQuant | None) -> int:
     if q is None:
         return 4 * out_f * in_f
-    group = q.group if q.group is not None and in_f % q.group == 0 else None
-    scales = out_f * (in_f // group) * GROUP_SCALE_BYTES if group else out_f * CHANNEL_SCALE_BYTES
+    q = linear_quant(q, in_f)
+    scales = out_f * (in_f // q.group) * GROUP_SCALE_BYTES if q.group else out_f * CHANNEL_SCALE_BYTES
     return out_f * in_f * q.bits // 8 + scales
 
 
@@ -340,7 +351,7 @@ def export(job: ExportJob) -> ExportResult:
             "kernels": ["llama::update_cache", "llama::custom_sdpa (extension/llm/custom_ops)"]
                        + (["quantized_decomposed::embedding_4bit / embedding_byte (kernels/quantized)"] if plan.embedding else []),
             "quantization": {"plan": asdict(plan), "activations": target.recipe.activations,
-                             "per_channel_fallback": notes["per_channel_fallback"]},
+                             "int8_fallback": notes["int8_fallback"]},
             "delegates": notes["delegates"],
             "expected_weight_bytes": expected,
             "tied_embedding": tied,

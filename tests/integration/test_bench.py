@@ -1,4 +1,4 @@
-"""`llmship bench --quick` end to end on stories260K: two llmship targets beside the anchors that are quick on it.
+"""`llmship bench --quick` end to end on stories260K: three llmship targets beside the anchors that are quick on it.
 
 The ExecuTorch and LiteRT anchors are left out here: their first-party exports take minutes even on a
 260K-parameter model. onnxruntime-genai's builder converts stories260K, but onnxruntime 1.31's CPU
@@ -18,7 +18,7 @@ from llmship.bench import ROW_FIELDS
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 STORIES = SHARED / "models" / "stories260K"
-TARGETS = ("pytorch-fp32", "litert-fp32")
+TARGETS = ("pytorch-fp32", "onnx-fp32", "litert-fp32")
 ANCHORS = {"transformers-eager": ("fp32 generate",), "onnxruntime-genai-builder": ("int4", "fp32")}
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared, pytest.mark.onnx, pytest.mark.litert,
@@ -71,7 +71,7 @@ def test_each_row_is_measured_or_says_why_not(bench):
 def test_fp32_rows_match_the_reference(bench):
     """An fp32 artifact computes the reference's function: a broken conversion or misaligned logits would not."""
     by = {(r["tool"], r["recipe"]): r for r in bench[1]["rows"]}
-    for key in (("llmship", "pytorch-fp32"), ("transformers-eager", "fp32 generate")):
+    for key in (("llmship", "pytorch-fp32"), ("llmship", "onnx-fp32"), ("transformers-eager", "fp32 generate")):
         r = by[key]
         assert r["error"] is None, r
         assert r["top1_agreement"] == 1.0 and r["kl_mean"] < 1e-6, r

@@ -27,7 +27,6 @@ from llmship.validation.runners.reference import ReferenceRunner
 pytest.importorskip("coremltools")
 pytestmark = pytest.mark.coreml
 
-STORIES = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "stories260K"
 WEIGHTS = "model.mlpackage/Data/com.apple.CoreML/weights/weight.bin"
 
 
@@ -60,21 +59,9 @@ def parity(artifact, loaded, n_tokens: int = 64, prefill_tokens: int = 24, chunk
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return load_model("builtin:tiny")
-
-
-@pytest.fixture(scope="module")
 def tiny_fp16(tiny, tmp_path_factory):
     # A short context and prefill range keep it quick and make a 24-token prefill go in two chunks.
     return build(tiny, target("coreml-fp16", max_context=96, prefill_lengths=(16,)), tmp_path_factory.mktemp("tiny") / "coreml-fp16")
-
-
-@pytest.fixture(scope="module")
-def stories():
-    if not (STORIES / "model.safetensors").is_file():
-        pytest.skip(f"../shared/models/stories260K is absent ({STORIES})")
-    return load_model(str(STORIES))
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +175,25 @@ def test_fault_planted_in_weight_bin_is_caught(tiny, tiny_fp16, tmp_path):
     # in the distribution: KL far above any recipe's gate, logits no longer aligned with the reference.
     assert good["kl_mean"] < 1e-5 and good["cosine_min"] > 0.9999
     assert bad["kl_mean"] > 0.05 and bad["cosine_min"] < 0.5
+
+
+def test_int4_blocks_reproduce_weights_already_on_a_4bit_grid():
+    """Weights on a Q4_1-style grid (min + d * q per block of 32, SmolLM2's GGUF) come back on the same grid."""
+    from coremltools.converters.mil.mil.ops.defs.iOS18.compression import constexpr_blockwise_shift_scale
+
+    from llmship.exporters.coreml import int4_block_minmax
+
+    rng = np.random.default_rng(0)
+    d = rng.uniform(1e-3, 1e-2, (8, 4, 1)).astype(np.float16).astype(np.float32)
+    m = rng.uniform(-0.08, 0.02, (8, 4, 1)).astype(np.float16).astype(np.float32)
+    q = rng.integers(0, 16, (8, 4, 32))
+    q[..., 0], q[..., 1] = 0, 15  # each block spans its whole grid, as Q4_1 blocks do
+    w = (m + d * q).reshape(8, 128)
+    codes, scale, offset = int4_block_minmax(w, 32)
+    assert codes.dtype == np.uint8 and codes.max() <= 15 and scale.dtype == offset.dtype == np.float16
+    np.testing.assert_array_equal(codes.reshape(8, 4, 32), q)
+    decoded = constexpr_blockwise_shift_scale.decompress(codes, scale.astype(np.float32), offset.astype(np.float32))
+    assert np.abs(decoded - w).max() <= 0.05 * d.min()  # fp16 offset rounding: a few % of a grid step
 
 
 def test_unsupported_recipe_is_a_config_error(tiny, tmp_path):

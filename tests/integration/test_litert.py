@@ -5,7 +5,6 @@ prefill lengths keep them quick) and shared by the tests that read it.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +21,6 @@ from tests.helpers import FAMILY_CONFIGS, hf_model, loaded_from_hf
 
 pytestmark = pytest.mark.litert
 
-STORIES = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "stories260K"
 MAX_CONTEXT = 64
 PREFILL = (4, 16)
 
@@ -62,20 +60,8 @@ def plan(tokens, prefill_tokens, chunk, greedy_prompt, greedy_tokens=32) -> ev.E
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return load_model("builtin:tiny")
-
-
-@pytest.fixture(scope="module")
 def tiny_fp32(tiny, tmp_path_factory):
     return build(tiny, small_target("litert-fp32"), tmp_path_factory.mktemp("litert") / "tiny-fp32")
-
-
-@pytest.fixture(scope="module")
-def stories():
-    if not (STORIES / "model.safetensors").is_file():
-        pytest.skip(f"../shared/models/stories260K is absent ({STORIES}); it exists only in the development checkout")
-    return load_model(str(STORIES))
 
 
 @pytest.fixture(scope="module")

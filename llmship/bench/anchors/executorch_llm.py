@@ -29,7 +29,7 @@ MAX_CONTEXT = 512  # KV cache positions, as llmship's targets
 
 def run(ctx) -> list[dict]:
     from llmship.bench import row
-    from llmship.bench.measure import run_measured
+    from llmship.bench.measure import measure_payload, measured_row, run_measured
 
     work = ctx.workdir / "executorch-llm-export"
     work.mkdir(parents=True, exist_ok=True)
@@ -66,13 +66,7 @@ def run(ctx) -> list[dict]:
         size = pte.stat().st_size
         base.update(bytes=size, bytes_per_param=size / ctx.params)
         print(f"bench: {TOOL} {recipe}: measure", flush=True)
-        res = run_measured([sys.executable, "-m", __name__, "measure", json.dumps({
-            "pte": str(pte), "prompt": ctx.prompt_tokens, "eval": ctx.eval_tokens, "steps": ctx.decode_steps,
-            "threads": ctx.threads, "reference": str(ctx.reference_logits)})])
-        if res.returncode != 0:
-            rows.append({**base, "error": f"measure: {res.error_line()}"})
-            continue
-        rows.append({**base, **json.loads(res.stdout.strip().splitlines()[-1])})
+        rows.append(measured_row(__name__, base, measure_payload(ctx, pte=str(pte))))
     return rows
 
 
@@ -125,7 +119,7 @@ def _measure(args: dict) -> dict:
     from executorch.extension.pybindings import portable_lib
     from executorch.runtime import Runtime
 
-    from llmship.bench import BenchContext, parity_vs_reference
+    from llmship.bench.measure import timing_and_parity
 
     # XNNPACK runs on the runtime's one process-wide threadpool; this sets its size.
     portable_lib._unsafe_reset_threadpool(args["threads"])
@@ -153,15 +147,14 @@ def _measure(args: dict) -> dict:
         pos += 1
     # Teacher-forced: one token per call from position 0, so every position's logits come out of the cache path.
     logits = np.stack([forward([t], i) for i, t in enumerate(args["eval"])])
-    ctx = BenchContext(source="", model="", workdir=Path("."), hf_dir=Path("."), params=1, eval_tokens=args["eval"],
-                       reference_logits=Path(args["reference"]), prompt_tokens=prompt)
-    return {"load_s": load_s, "ttft_ms": 1000 * ttft, "prefill_tok_s": len(prompt) / ttft,
-            "decode_tok_s": len(step_s) / sum(step_s), **parity_vs_reference(logits, ctx)}
+    return timing_and_parity(args, load_s, ttft, sum(step_s), len(step_s), logits)
+
+
+def _convert(args: dict) -> None:
+    convert(Path(args["hf_dir"]), Path(args["checkpoint"]), Path(args["params"]))
 
 
 if __name__ == "__main__":
-    command, payload = sys.argv[1], json.loads(sys.argv[2])
-    if command == "convert":
-        convert(Path(payload["hf_dir"]), Path(payload["checkpoint"]), Path(payload["params"]))
-    else:
-        print(json.dumps(_measure(payload)))
+    from llmship.bench.measure import child_main
+
+    child_main(globals())

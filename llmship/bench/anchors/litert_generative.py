@@ -27,7 +27,7 @@ WARMUP_STEPS = 3
 
 def run(ctx) -> list[dict]:
     from llmship.bench import row
-    from llmship.bench.measure import run_measured
+    from llmship.bench.measure import measure_payload, measured_row, run_measured
 
     rows = []
     for recipe, quantize in RECIPES.items():
@@ -47,13 +47,7 @@ def run(ctx) -> list[dict]:
         size = files[0].stat().st_size
         base.update(bytes=size, bytes_per_param=size / ctx.params)
         print(f"bench: {TOOL} {recipe}: measure", flush=True)
-        res = run_measured([sys.executable, "-m", __name__, "measure", json.dumps({
-            "model": str(files[0]), "prompt": ctx.prompt_tokens, "eval": ctx.eval_tokens, "steps": ctx.decode_steps,
-            "threads": ctx.threads, "reference": str(ctx.reference_logits)})])
-        if res.returncode != 0:
-            rows.append({**base, "error": f"measure: {res.error_line()}"})
-            continue
-        rows.append({**base, **json.loads(res.stdout.strip().splitlines()[-1])})
+        rows.append(measured_row(__name__, base, measure_payload(ctx, model=str(files[0]))))
     return rows
 
 
@@ -115,7 +109,7 @@ def _measure(args: dict) -> dict:
     import numpy as np
     from ai_edge_litert.interpreter import Interpreter
 
-    from llmship.bench import BenchContext, parity_vs_reference
+    from llmship.bench.measure import timing_and_parity
 
     t0 = time.perf_counter()
     interpreter = Interpreter(model_path=args["model"], num_threads=args["threads"])
@@ -158,15 +152,14 @@ def _measure(args: dict) -> dict:
         pos += 1
     reset()
     logits = np.stack([step(t, i) for i, t in enumerate(args["eval"])])
-    ctx = BenchContext(source="", model="", workdir=Path("."), hf_dir=Path("."), params=1, eval_tokens=args["eval"],
-                       reference_logits=Path(args["reference"]), prompt_tokens=prompt)
-    return {"load_s": load_s, "ttft_ms": 1000 * ttft, "prefill_tok_s": len(prompt) / ttft,
-            "decode_tok_s": len(step_s) / sum(step_s), **parity_vs_reference(logits, ctx)}
+    return timing_and_parity({**args, "prompt": prompt}, load_s, ttft, sum(step_s), len(step_s), logits)
+
+
+def _export(args: dict) -> None:
+    export(Path(args["hf_dir"]), Path(args["out"]), args["quantize"])
 
 
 if __name__ == "__main__":
-    command, payload = sys.argv[1], json.loads(sys.argv[2])
-    if command == "export":
-        export(Path(payload["hf_dir"]), Path(payload["out"]), payload["quantize"])
-    else:
-        print(json.dumps(_measure(payload)))
+    from llmship.bench.measure import child_main
+
+    child_main(globals())

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 TOOL, RUNTIME = "onnxruntime-genai-builder", "onnxruntime"
 RECIPES = ("int4", "fp32")
@@ -23,7 +22,7 @@ WARMUP_STEPS = 3
 
 def run(ctx) -> list[dict]:
     from llmship.bench import row
-    from llmship.bench.measure import run_measured
+    from llmship.bench.measure import measure_payload, measured_row, run_measured
 
     work = ctx.workdir / "onnxruntime-genai-builder"
     rows = []
@@ -43,13 +42,7 @@ def run(ctx) -> list[dict]:
         size = sum(p.stat().st_size for p in out.iterdir() if p.name == model_file or p.name.startswith(model_file + "."))
         base.update(bytes=size, bytes_per_param=size / ctx.params)
         print(f"bench: {TOOL} {recipe}: measure", flush=True)
-        res = run_measured([sys.executable, "-m", __name__, json.dumps({
-            "model": str(out), "prompt": ctx.prompt_tokens, "eval": ctx.eval_tokens, "steps": ctx.decode_steps,
-            "threads": ctx.threads, "reference": str(ctx.reference_logits)})])
-        if res.returncode != 0:
-            rows.append({**base, "error": f"measure: {res.error_line()}"})
-            continue
-        rows.append({**base, **json.loads(res.stdout.strip().splitlines()[-1])})
+        rows.append(measured_row(__name__, base, measure_payload(ctx, model=str(out))))
     return rows
 
 
@@ -57,7 +50,7 @@ def _measure(args: dict) -> dict:
     import numpy as np
     import onnxruntime_genai as og
 
-    from llmship.bench import BenchContext, parity_vs_reference
+    from llmship.bench.measure import timing_and_parity
 
     t0 = time.perf_counter()
     config = og.Config(args["model"])
@@ -92,11 +85,10 @@ def _measure(args: dict) -> dict:
     for t in args["eval"]:
         gen.append_tokens([t])
         rows.append(np.asarray(gen.get_logits(), dtype=np.float32).reshape(-1))
-    ctx = BenchContext(source="", model="", workdir=Path("."), hf_dir=Path("."), params=1, eval_tokens=args["eval"],
-                       reference_logits=Path(args["reference"]), prompt_tokens=prompt)
-    return {"load_s": load_s, "ttft_ms": 1000 * ttft, "prefill_tok_s": len(prompt) / ttft,
-            "decode_tok_s": len(step_s) / sum(step_s), **parity_vs_reference(np.stack(rows), ctx)}
+    return timing_and_parity(args, load_s, ttft, sum(step_s), len(step_s), np.stack(rows))
 
 
 if __name__ == "__main__":
-    print(json.dumps(_measure(json.loads(sys.argv[1]))))
+    from llmship.bench.measure import child_main
+
+    child_main(globals())

@@ -47,6 +47,14 @@ def require(module: str, runtime: str, install: str):
         raise RuntimeMissing(f"{runtime} is not installed ({exc}); install it with: {install}") from None
 
 
+def check_positions(t: int, input_pos: int, max_context: int) -> None:
+    """Every runner's range check: T >= 1 tokens at positions input_pos.. inside the KV cache."""
+    if t < 1:
+        raise ConfigError("prefill needs at least one token")
+    if input_pos < 0 or input_pos + t > max_context:
+        raise ConfigError(f"positions {input_pos}..{input_pos + t - 1} do not fit the KV cache of max_context {max_context}")
+
+
 def open_runner(artifact_dir: str | Path, manifest: dict, threads: int | None = None) -> Runner:
     runtime = manifest.get("runtime")
     if runtime not in RUNNERS:

@@ -12,8 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from llmship.errors import ConfigError
-from llmship.validation.runners import require
+from llmship.validation.runners import check_positions, require
 
 REFERENCE_NOTE = ("Apple's Core ML runtime was not run (it exists only on Apple platforms): the reference executor "
                   "proves the serialized ML program computes the right function; it does not prove what Apple's "
@@ -34,15 +33,9 @@ class _CoreMLBase:
         self.max_context = int(manifest["max_context"])
         self.max_prefill = int(max(manifest["prefill_lengths"]))
 
-    def _check(self, t: int, input_pos: int) -> None:
-        if t < 1:
-            raise ConfigError("prefill needs at least one token")
-        if input_pos < 0 or input_pos + t > self.max_context:
-            raise ConfigError(f"positions {input_pos}..{input_pos + t - 1} do not fit the KV cache of max_context {self.max_context}")
-
     def prefill(self, tokens: Sequence[int], input_pos: int) -> np.ndarray:
         tokens = [int(t) for t in tokens]
-        self._check(len(tokens), input_pos)
+        check_positions(len(tokens), input_pos, self.max_context)
         # A prompt longer than the prefill function's range goes in chunks, as an app would feed it.
         chunks = []
         for start in range(0, len(tokens), self.max_prefill):
@@ -51,7 +44,7 @@ class _CoreMLBase:
         return np.concatenate(chunks, axis=0)
 
     def decode(self, token: int, input_pos: int) -> np.ndarray:
-        self._check(1, input_pos)
+        check_positions(1, input_pos, self.max_context)
         return self._call("decode", [int(token)], input_pos)[0]
 
     @staticmethod

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from llmship.errors import ConfigError
-from llmship.validation.runners import require
+from llmship.validation.runners import check_positions, require
 
 INSTALL = "pip install executorch==1.5.1"
 
@@ -37,9 +37,7 @@ class ExecuTorchRunner:
         self.executor = f"executorch {version('executorch')} XnnpackBackend ({self.threads} threads)"
 
     def _run(self, method, tokens: Sequence[int], input_pos: int) -> np.ndarray:
-        t = len(tokens)
-        if input_pos < 0 or input_pos + t > self.max_context:
-            raise ConfigError(f"positions {input_pos}..{input_pos + t - 1} do not fit the KV cache of max_context {self.max_context}")
+        check_positions(len(tokens), input_pos, self.max_context)
         torch = self._torch
         ids = torch.tensor([list(tokens)], dtype=torch.int64)
         (logits,) = method.execute([ids, torch.tensor([input_pos], dtype=torch.int64)])

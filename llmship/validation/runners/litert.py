@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from llmship.errors import ConfigError
-from llmship.validation.runners import require
+from llmship.validation.runners import check_positions, require
 
 PAD_TOKEN = 0  # any valid id: padded rows are never attended before being overwritten
 
@@ -72,15 +72,9 @@ class LiteRTRunner:
         self.cache = out
         return logits[0, :len(tokens)].astype(np.float32, copy=False)
 
-    def _check(self, t: int, input_pos: int) -> None:
-        if t < 1:
-            raise ConfigError("prefill needs at least one token")
-        if input_pos < 0 or input_pos + t > self.max_context:
-            raise ConfigError(f"positions {input_pos}..{input_pos + t - 1} do not fit the KV cache of max_context {self.max_context}")
-
     def prefill(self, tokens: Sequence[int], input_pos: int) -> np.ndarray:
         tokens = [int(t) for t in tokens]
-        self._check(len(tokens), input_pos)
+        check_positions(len(tokens), input_pos, self.max_context)
         out, done = [], 0
         for length, n in plan_chunks(len(tokens), input_pos, self.lengths, self.max_context):
             out.append(self._call(length, tokens[done:done + n], input_pos + done))
@@ -88,7 +82,7 @@ class LiteRTRunner:
         return np.concatenate(out, axis=0)
 
     def decode(self, token: int, input_pos: int) -> np.ndarray:
-        self._check(1, input_pos)
+        check_positions(1, input_pos, self.max_context)
         return self._call(1, [int(token)], input_pos)[0]
 
     def close(self) -> None:

@@ -89,10 +89,11 @@ class _Step:
 class _Function:
     """One function of the program, compiled to a list of steps over an environment of named values."""
 
-    def __init__(self, package: Path, name: str, func):
+    def __init__(self, package: Path, name: str, func, shared: dict):
         self.name = name
-        self.inputs = {n: v for n, v in func.inputs.items() if not _is_state(v)}
-        self.state_inputs = {n: v for n, v in func.inputs.items() if _is_state(v)}
+        # Plain names, shapes and dtypes only: holding no Var lets the loaded program be freed after compiling.
+        self.inputs = {n: _np_dtype(v) for n, v in func.inputs.items() if not _is_state(v)}
+        self.state_inputs = {n: _state_shape_dtype(v) for n, v in func.inputs.items() if _is_state(v)}
         self.output_names = [v.name for v in func.outputs]
         self.output_dtypes = [_np_dtype(v) for v in func.outputs]
         self.consts: dict[str, object] = {}
@@ -102,9 +103,9 @@ class _Function:
                 raise ModelError(f"{package}: function '{name}' uses control flow op '{op.op_type}' ({op.name}), "
                                  "which the Core ML reference executor does not run")
             if op.op_type == "const":
-                self.consts[op.outputs[0].name] = _as_compute(op.outputs[0].val)
+                self.consts[op.outputs[0].name] = _shared_const(shared, op.outputs[0])
             elif op.op_type.startswith("constexpr_"):
-                self._fold(package, op)
+                self._fold(package, op, shared)
             elif op.op_type in KERNELS or op.op_type in STATE_OPS:
                 args = {k: tuple(x.name for x in v) if isinstance(v, (list, tuple)) else v.name for k, v in op.inputs.items()}
                 self.steps.append(_Step(op.op_type, op.name, args, tuple(o.name for o in op.outputs),
@@ -112,10 +113,14 @@ class _Function:
             else:
                 raise ModelError(_unknown_op(package, name, op))
 
-    def _fold(self, package: Path, op) -> None:
+    def _fold(self, package: Path, op, shared: dict) -> None:
+        """Decompress a constexpr op once; a function whose inputs are the same shared consts reuses it."""
         if op.op_type not in KERNELS:
             raise ModelError(_unknown_op(package, self.name, op))
-        self.consts[op.outputs[0].name] = run_op(op, self.consts)[0]
+        key = (op.op_type, tuple((k, id(self.consts[v.name])) for k, v in op.inputs.items()))
+        if key not in shared:
+            shared[key] = run_op(op, self.consts)[0]
+        self.consts[op.outputs[0].name] = shared[key]
 
 
 def run_op(op, values: dict | None = None) -> tuple:
@@ -128,6 +133,24 @@ def run_op(op, values: dict | None = None) -> tuple:
     out = KERNELS[op.op_type](**args)
     outs = out if len(op.outputs) > 1 else (out,)
     return tuple(_round(o, _np_dtype(var)) for o, var in zip(outs, op.outputs))
+
+
+def _shared_const(shared: dict, var):
+    """A const's compute value, shared with an identical const of another function (save_multifunction
+    stores weights once; loaded back, each function has its own copy)."""
+    value = var.val
+    key = (var.name, np.shape(value), str(getattr(value, "dtype", type(value))))
+    if key in shared and np.array_equal(shared[key][0], value):
+        return shared[key][1]
+    shared[key] = (value, _as_compute(value))
+    return shared[key][1]
+
+
+def _state_shape_dtype(var) -> tuple[tuple[int, ...], np.dtype]:
+    from coremltools.converters.mil.mil import types
+
+    wrapped = var.sym_type.wrapped_type()
+    return tuple(wrapped.get_shape()), np.dtype(types.nptype_from_builtin(wrapped.get_primitive()))
 
 
 def _is_state(var) -> bool:
@@ -146,8 +169,9 @@ class MilExecutor:
 
     def __init__(self, package: str | Path, threads: int | None = None):
         self.package = Path(package)
-        program = load_program(self.package)
-        self.functions = {name: _Function(self.package, name, f) for name, f in program.functions.items()}
+        program, shared = load_program(self.package), {}
+        self.functions = {name: _Function(self.package, name, f, shared) for name, f in program.functions.items()}
+        del program, shared
         self.threads = threads
         self._limiter = None
         if threads:
@@ -157,14 +181,7 @@ class MilExecutor:
 
     def make_state(self) -> dict[str, np.ndarray]:
         """Zeroed states, one per state input of any function (functions of one package share them)."""
-        state = {}
-        for f in self.functions.values():
-            for name, var in f.state_inputs.items():
-                wrapped = var.sym_type.wrapped_type()
-                from coremltools.converters.mil.mil import types
-
-                state[name] = np.zeros(wrapped.get_shape(), dtype=types.nptype_from_builtin(wrapped.get_primitive()))
-        return state
+        return {name: np.zeros(shape, dtype) for f in self.functions.values() for name, (shape, dtype) in f.state_inputs.items()}
 
     def predict(self, function: str, inputs: dict[str, np.ndarray], state: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         if function not in self.functions:
@@ -182,8 +199,8 @@ class MilExecutor:
 
     def _run(self, f: _Function, inputs: dict, state: dict | None) -> dict[str, np.ndarray]:
         env = dict(f.consts)
-        for name, var in f.inputs.items():
-            env[name] = _round(_as_compute(np.asarray(inputs[name])), _np_dtype(var))
+        for name, dtype in f.inputs.items():
+            env[name] = _round(_as_compute(np.asarray(inputs[name])), dtype)
         for step in f.steps:
             if step.op_type == "read_state":
                 out = _as_compute(state[step.args["input"]])
