@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
                                       "`report merge DIR...` also prints one verdict and exits 1 if any target failed")
     r.add_argument("paths", nargs="+", help="[merge] artifact directories, report.json files, or build directories")
     r.add_argument("--out", default=None, help="where to write report.md/report.html/junit.xml (default: first path)")
+    lm = sub.add_parser("litertlm", help="bundle a LiteRT (tflite) artifact as a LiteRT-LM .litertlm (the validated "
+                                         "model.tflite, tokenizer and start/stop tokens)")
+    lm.add_argument("artifact")
+    lm.add_argument("--out", default=None, help="bundle file (default: ARTIFACT.litertlm beside the directory)")
     bn = sub.add_parser("bench", help="benchmark llmship's artifacts against the runtimes' first-party LLM exporters")
     bn.add_argument("--model", default="builtin:smollm2-135m")
     bn.add_argument("--quick", action="store_true", help="stories260K from ../shared (CI mode)")
@@ -114,6 +118,13 @@ def cmd_validate(args) -> int:
     return 0 if report["passed"] else 1
 
 
+def cmd_litertlm(args) -> int:
+    from llmship.exporters.litertlm import bundle
+
+    print(f"wrote {bundle(args.artifact, args.out)}")
+    return 0
+
+
 def cmd_build(args) -> int:
     from llmship.build import build
     from llmship.config import load_config
@@ -162,7 +173,8 @@ def cmd_matrix(args) -> int:
 
 
 COMMANDS = {"targets": cmd_targets, "inspect": cmd_inspect, "export": cmd_export, "validate": cmd_validate,
-            "build": cmd_build, "report": cmd_report, "matrix": cmd_matrix, "bench": cmd_bench}
+            "build": cmd_build, "report": cmd_report, "matrix": cmd_matrix, "bench": cmd_bench,
+            "litertlm": cmd_litertlm}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -237,7 +237,31 @@ def export(job: ExportJob) -> ExportResult:
             descriptor.add_function(str(path), src_function_name="main", target_function_name=name)
         descriptor.default_function_name = "decode"
         ct.utils.save_multifunction(descriptor, str(job.out_dir / PACKAGE))
+    make_reproducible(job.out_dir / PACKAGE)
     return _result(job, max_prefill)
+
+
+def make_reproducible(package: Path) -> None:
+    """Make the same inputs give the same bytes. coremltools names the package's items with random UUIDs and
+    serializes the spec's protobuf maps in arbitrary order; the content is the same either way. Re-serialize
+    the spec deterministically and name each item by a UUID derived from its path in the package."""
+    import json
+    import uuid
+
+    from coremltools.proto import Model_pb2
+
+    spec_file = package / "Data" / "com.apple.CoreML" / "model.mlmodel"
+    spec = Model_pb2.Model()
+    spec.ParseFromString(spec_file.read_bytes())
+    spec_file.write_bytes(spec.SerializeToString(deterministic=True))
+    manifest_file = package / "Manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    renamed = {old: str(uuid.uuid5(uuid.NAMESPACE_URL, "llmship:" + item["path"]))
+               for old, item in manifest["itemInfoEntries"].items()}
+    manifest["itemInfoEntries"] = {renamed[old]: item for old, item in sorted(manifest["itemInfoEntries"].items(),
+                                                                             key=lambda kv: kv[1]["path"])}
+    manifest["rootModelIdentifier"] = renamed[manifest["rootModelIdentifier"]]
+    manifest_file.write_text(json.dumps(manifest, indent=4) + "\n")
 
 
 def _result(job: ExportJob, max_prefill: int) -> ExportResult:

@@ -275,3 +275,45 @@ def test_smollm2_fp32_matches_reference(smollm2, tmp_path):
     metrics, _ = ev.parity_metrics(ev.teacher_forced(runner, p), ev.teacher_forced(ref, p), tokens)
     assert metrics["top1_agreement"] == 1.0 and metrics["kl_mean"] <= 1e-6
     assert ev.greedy_match(ev.greedy(runner, p.prompts[0], 32, 32), ev.greedy(ref, p.prompts[0], 32, 32)) == 32
+
+
+# --- LiteRT-LM ------------------------------------------------------------------------------------------
+
+@pytest.mark.shared
+def test_litertlm_bundle_generates_the_reference_greedy_text(stories, stories_fp32, tmp_path):
+    """LiteRT-LM's own engine runs the bundle: greedy text from the prompt is the FP32 reference's."""
+    import litert_lm
+
+    from llmship.exporters.litertlm import bundle
+
+    path, _ = stories_fp32
+    out = bundle(path, tmp_path / "stories.litertlm")
+    assert (path / "model.tflite").read_bytes() in out.read_bytes()  # the validated file, byte for byte
+    text = "Once upon a time"
+    ids = [stories.spec.bos_token_id, *stories.tokenizer.encode(text, add_special_tokens=False).ids]
+    expected = stories.tokenizer.decode(ev.greedy(reference(stories), ids, 32, len(ids)))
+    engine = litert_lm.Engine(str(out), backend=litert_lm.Backend.CPU(thread_count=2), max_num_tokens=MAX_CONTEXT,
+                              cache_dir=":nocache")
+    session = engine.create_session(apply_prompt_template=False, max_output_tokens=32,
+                                    sampler_config=litert_lm.SamplerConfig(top_k=1, temperature=1.0, seed=0))  # greedy
+    session.run_prefill([text])  # the engine adds BOS from the bundle's start token
+    generated = session.run_decode().texts[0]
+    assert len(expected.split()) > 10 and generated.strip() == expected.strip()
+
+
+def test_litertlm_bundle_refuses_other_formats_and_modified_files(tiny, tiny_fp32, tmp_path):
+    import shutil
+
+    from llmship.errors import ModelError
+    from llmship.exporters.litertlm import bundle
+
+    with pytest.raises(ConfigError, match="tflite artifact"):
+        bundle(build(tiny, small_target("pytorch-fp32"), tmp_path / "pt")[0])
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_fp32[0], copy)
+    with open(copy / "model.tflite", "r+b") as f:
+        f.seek(-64, 2)
+        f.write(b"\0" * 64)
+    with pytest.raises(ModelError, match="model.tflite"):
+        bundle(copy, tmp_path / "x.litertlm")
+    assert not (tmp_path / "x.litertlm").exists()
