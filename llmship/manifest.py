@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
 from llmship.errors import ConfigError, ModelError
@@ -45,10 +44,10 @@ def toolchain_versions(*packages: str) -> dict[str, str]:
 
 
 def write_manifest(root: Path, body: dict) -> dict:
+    """manifest.json: the body and every file's sha256 and size. No timestamp: the same inputs give the same bytes."""
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         **body,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "files": describe_files(root),
     }
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
