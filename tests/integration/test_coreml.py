@@ -243,3 +243,12 @@ def test_smollm2_fp16_matches_reference(smollm2, tmp_path):
     assert metrics["kl_mean"] <= 1e-3
     report = json.dumps(metrics)
     assert "inf" not in report and "nan" not in report.lower()  # no fp16 overflow anywhere in the program
+
+
+def test_same_inputs_give_the_same_bytes(tiny, tiny_fp16, tmp_path):
+    """coremltools names package items with random UUIDs and writes protobuf maps in any order; llmship's
+    package is byte-reproducible, so an app build's cache sees an unchanged model as unchanged."""
+    again = build(tiny, target("coreml-fp16", max_context=96, prefill_lengths=(16,)), tmp_path / "again")
+    first = {name: f["sha256"] for name, f in tiny_fp16[1]["files"].items()}
+    assert first == {name: f["sha256"] for name, f in again[1]["files"].items()}
+    assert (tiny_fp16[0] / "manifest.json").read_bytes() == (again[0] / "manifest.json").read_bytes()
