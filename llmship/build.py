@@ -52,6 +52,24 @@ def up_to_date(artifact: Path, digest: str) -> dict | None:
     return report if manifest.get("inputs_sha256") == digest else None
 
 
+def built_elsewhere(out: Path, model: str, name: str, digest: str, artifact: Path) -> Path | None:
+    """The same target built and validated from the same inputs in another layout under `out` (the other
+    platform's, or the plain one): `make android` then `make ios` converts a shared target once."""
+    from llmship.models.sources import model_slug
+
+    candidates = [out / root / model_slug(model) / name for root in PLATFORM_ROOTS.values()] + [out / name]
+    return next((c for c in candidates if c.resolve() != artifact.resolve() and up_to_date(c, digest) is not None), None)
+
+
+def copy_artifact(source: Path, artifact: Path) -> None:
+    import shutil
+
+    from llmship.manifest import atomic_directory
+
+    with atomic_directory(artifact) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+
+
 def select_targets(config, only: list[str] | None, platform: str | None) -> list[str]:
     from llmship.targets import default_targets
 
@@ -94,8 +112,13 @@ def build(config, only: list[str] | None = None, baseline: str | None = None, de
         artifact = root / target.name
         key = inputs_sha256(config, target, digest)
         report = None if baseline else up_to_date(artifact, key)
+        twin = None if report is not None or baseline else built_elsewhere(out, config.model, target.name, key, artifact)
         if report is not None:
             say(f"{step}: up to date ({'passed' if report['passed'] else 'FAILED'} when validated)")
+        elif twin is not None:
+            say(f"{step}: same inputs as {twin}, copied")
+            copy_artifact(twin, artifact)
+            report = up_to_date(artifact, key)
         else:
             if loaded is None:
                 say(f"loading {config.model}")

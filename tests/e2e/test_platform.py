@@ -59,6 +59,23 @@ def test_android_layout_index_and_incremental_rebuild(tmp_path):
     assert (artifact / "manifest.json").stat().st_mtime_ns != stamp
 
 
+def test_a_target_both_platforms_share_is_built_once(tmp_path):
+    cfg, out = write_config(tmp_path), tmp_path / "out"
+    assert llmship("build", cfg, "--platform", "android", "--out", out).returncode == 0
+    ios = llmship("build", cfg, "--platform", "ios", "--out", out)
+    assert ios.returncode == 0, ios.stderr
+    assert "copied" in ios.stdout and "exporting" not in ios.stdout
+    android_dir = out / "android" / "assets" / "llmship" / "tiny" / "pytorch-fp32"
+    ios_dir = out / "ios" / "Resources" / "llmship" / "tiny" / "pytorch-fp32"
+    assert (ios_dir / "manifest.json").read_bytes() == (android_dir / "manifest.json").read_bytes()
+    index = json.loads((out / "ios" / "Resources" / "llmship" / "index.json").read_text())
+    assert [a["target"] for a in index["artifacts"]] == ["pytorch-fp32"] and index["artifacts"][0]["validation"]["passed"]
+    # different inputs (another evaluation seed) are not copied
+    cfg = write_config(tmp_path, evaluation={**FAST, "seed": 3})
+    again = llmship("build", cfg, "--platform", "ios", "--out", out)
+    assert again.returncode == 0 and "exporting" in again.stdout and "copied" not in again.stdout
+
+
 def test_xcode_build_phase_copies_artifacts_into_the_bundle(tmp_path):
     srcroot = tmp_path / "App"
     srcroot.mkdir()
