@@ -13,9 +13,8 @@ from pathlib import Path
 
 ROW_FIELDS = ("runtime", "tool", "recipe", "model", "bytes", "bytes_per_param", "export_s", "export_peak_rss_mb", "load_s",
               "ttft_ms", "prefill_tok_s", "decode_tok_s", "roofline_fraction", "kl_mean", "top1_agreement", "error")
-# Our targets, each matched to the anchor recipe it is compared with (same runtime, same recipe).
-BENCH_TARGETS = ("pytorch-fp32", "executorch-fp32", "executorch-8da4w", "onnx-fp32", "onnx-int4", "litert-fp32",
-                 "litert-int8", "coreml-fp16")
+# Every default target, plus the fp32 targets the anchors' fp32 recipes are compared with.
+BENCH_TARGETS = ("pytorch-fp32", "executorch-8da4w", "onnx-fp32", "onnx-int4", "litert-fp32", "litert-int8", "coreml-fp16")
 RUNTIME_OF_FORMAT = {"pytorch": "pytorch", "executorch": "executorch", "onnx": "onnxruntime", "tflite": "litert", "coreml": "coreml"}
 
 

@@ -1,5 +1,8 @@
-"""Run a step as a child process and record its wall time and peak RSS (the kernel's accounting for that
-child, from wait4), so a converter's memory is measured on its own."""
+"""Run a step as a child process and record its wall time and peak RSS, so a converter's memory is
+measured on its own. Peak RSS is the largest VmHWM among the child and its descendants, sampled while it
+runs: wait4's ru_maxrss would start from this (parent) process's own peak, which Linux carries across
+fork + exec.
+"""
 from __future__ import annotations
 
 import json
@@ -26,6 +29,22 @@ class Measured:
         return lines[-1][:300] if lines else f"exit code {self.returncode}"
 
 
+def tree_peak_kb(pid: int) -> int:
+    """The largest VmHWM (kB) among `pid` and its descendants; 0 where /proc cannot tell."""
+    best, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                best = max([best] + [int(line.split()[1]) for line in f if line.startswith("VmHWM:")])
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    stack += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            continue
+    return best
+
+
 def run_measured(cmd: list[str], env: dict | None = None, timeout: float | None = None, cwd=None) -> Measured:
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
@@ -33,14 +52,25 @@ def run_measured(cmd: list[str], env: dict | None = None, timeout: float | None 
         timer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL)) if timeout else None
         if timer:
             timer.start()
+        peak = [0]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.1):
+                peak[0] = max(peak[0], tree_peak_kb(proc.pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
+        done.set()
+        sampler.join()
         if timer:
             timer.cancel()
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        return Measured(proc.returncode, wall, usage.ru_maxrss / 1024, out.read(), err.read())
+        return Measured(proc.returncode, wall, (peak[0] or usage.ru_maxrss) / 1024, out.read(), err.read())
 
 
 def measure_payload(ctx, **extra) -> dict:

@@ -60,8 +60,23 @@ def measure_latency(artifact_dir: Path, threads: int, decode_steps: int) -> dict
         "decode_ms_p90": float(np.percentile(step_ms, 90)),
         "decode_steps": len(step_ms),
         "executor": getattr(runner, "executor", ""),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory. Linux: VmHWM, the high-water mark of this process's address
+    space, which starts empty at exec. Not ru_maxrss: Linux carries the parent's high-water mark across
+    fork + exec into it, so a child of a process holding the model would report the model's memory."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024  # bytes on macOS, KiB on Linux
 
 
 def run_in_child(artifact_dir: Path, threads: int, decode_steps: int) -> dict:

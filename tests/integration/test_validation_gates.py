@@ -179,3 +179,16 @@ def test_report_renders_markdown_html_and_junit_with_one_failure_per_failed_gate
     assert "FAIL" in md and "| pytorch-fp32 |" in md
     page = (out / "report.html").read_text()
     assert page.count("<svg") == 3 and "polyline" in page
+
+
+def test_latency_child_reports_its_own_memory_not_its_parents(tiny, tmp_path):
+    """Linux carries a parent's peak RSS across fork + exec into ru_maxrss; the runtime's memory must be the
+    child's own, however much the validating process holds."""
+    import numpy as np
+
+    from llmship.validation.latency import run_in_child
+
+    artifact = export_artifact(tiny, resolve_target(BuildConfig(model="builtin:tiny"), "pytorch-fp32"), tmp_path / "a")
+    held = np.ones(2 * 2**30 // 8)  # 2 GiB resident in this (the parent) process
+    child = run_in_child(artifact, threads=1, decode_steps=4)["peak_rss_mb"]
+    assert held.sum() > 0 and 0 < child < 1024
