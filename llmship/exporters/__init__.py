@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,15 +59,21 @@ def tensor_spec(name: str, dtype: str, shape: list) -> dict:
 
 @contextlib.contextmanager
 def quiet():
-    """The converters' chatter (deprecation warnings, optional kernels that did not load, passes logged at INFO)
-    is not the user's business; errors still surface as exceptions, and `--debug` lets it all through."""
+    """The converters' chatter (deprecation warnings, optional kernels that did not load, passes logged at INFO,
+    progress bars) is not the user's business; errors still surface as exceptions, and `--debug` lets it all
+    through."""
     loggers = [logging.getLogger(n) for n in ("", "torch", "torchao", "torch.onnx", "onnx_ir", "onnxruntime.quantization",
                                               "coremltools", "executorch", "ai_edge_quantizer", "absl")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        # Python-level stdout/stderr too: converters' own progress lines (coremltools' pass pipelines,
+        # litert-torch's stage timings) are printed there. TF_CPP_MIN_LOG_LEVEL quiets the TFLite converter's
+        # C++ INFO lines (it reads the variable when it logs).
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        with warnings.catch_warnings(), open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink), \
+                contextlib.redirect_stdout(sink):
             warnings.simplefilter("ignore")
             yield
     finally:
