@@ -226,6 +226,25 @@ def test_size_check_catches_a_table_left_fp32(size_model, fault):
         assert total_over > 0
 
 
+def test_size_check_catches_a_quantized_head_stored_twice(size_model):
+    """Planted fault: a second copy of the head, quantized like the head, in the graph (as a module holding
+    its own copy of a tied matrix would add): the int8 vocab x hidden bytes show up over the recipe's size."""
+    import copy
+
+    from llmship.exporters.executorch import build_pte, quant_plan
+    from llmship.models import build_decoder
+
+    target = profile("executorch-8da4w")
+    plan = quant_plan(target.recipe, size_model.spec)
+    decoder = build_decoder(size_model, CONTEXT)
+    decoder.lm_head.duplicate = copy.deepcopy(decoder.lm_head)  # quantize_ quantizes it with the head's config
+    decoder.lm_head.register_forward_hook(lambda head, args, out: out + 0.0 * head.duplicate(args[0]))
+    pte, _ = build_pte(decoder, target, plan, methods=("decode",))
+    weights_over, total_over = size_verdict(pte, size_model.spec, plan)
+    assert weights_over > 0.9 * size_model.spec.vocab_size * size_model.spec.hidden_size  # one more int8 table
+    assert total_over > 0
+
+
 # ---------------------------------------------------------------- SmolLM2
 
 @pytest.mark.smollm2
