@@ -14,7 +14,8 @@ from pathlib import Path
 ROW_FIELDS = ("runtime", "tool", "recipe", "model", "bytes", "bytes_per_param", "export_s", "export_peak_rss_mb", "load_s",
               "ttft_ms", "prefill_tok_s", "decode_tok_s", "roofline_fraction", "kl_mean", "top1_agreement", "error")
 # Every default target, plus the fp32 targets the anchors' fp32 recipes are compared with.
-BENCH_TARGETS = ("pytorch-fp32", "executorch-8da4w", "onnx-fp32", "onnx-int4", "litert-fp32", "litert-int8", "coreml-fp16")
+BENCH_TARGETS = ("pytorch-fp32", "executorch-fp32", "executorch-8da4w", "onnx-fp32", "onnx-int4", "litert-fp32",
+                 "litert-int8", "coreml-fp16")
 RUNTIME_OF_FORMAT = {"pytorch": "pytorch", "executorch": "executorch", "onnx": "onnxruntime", "tflite": "litert", "coreml": "coreml"}
 
 
@@ -145,6 +146,7 @@ def run_bench(source: str, out: Path, quick: bool = False, anchors: list[str] | 
     from llmship.bench.machine import measure_bandwidth
     from llmship.bench.render import write_outputs
 
+    out = Path(out).resolve()  # anchors run converters in their own working directories
     work = out / "work" / ("quick" if quick else "full")
     work.mkdir(parents=True, exist_ok=True)
     print("bench: measuring memory bandwidth", flush=True)
