@@ -30,7 +30,7 @@ def markdown(results: dict) -> str:
     rows = results["rows"]
     lines = [f"# llmship bench: {results['model']} ({results['params']:,} params){' — quick mode' if results['quick'] else ''}", "",
              f"Machine: {m['cores']} cores, memory bandwidth {m['read_gb_s']:.1f} GB/s read, {m['copy_gb_s']:.1f} GB/s copy "
-             "(measured in this run). Decode at 2 threads.", "",
+             "(measured in this run). Decode at 2 threads.", "", *([results["note"], ""] if results.get("note") else []),
              "## Ours ÷ first-party anchor, same runtime and recipe", "",
              "| runtime | ours | anchor | decode tok/s (ours / anchor) | ratio | size MB (ours / anchor) | ratio | KL ours / anchor | top-1 ours / anchor |",
              "|---|---|---|---|---|---|---|---|---|"]
