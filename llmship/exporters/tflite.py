@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from llmship.errors import ConfigError
 from llmship.exporters import ExportJob, ExportResult, tensor_spec
-from llmship.models.decoder import MobileDecoder, apply_rope
+from llmship.models.decoder import MobileDecoder
 
 MODEL_FILE = "model.tflite"
 INT4_BLOCK_SIZES = (32, 64, 128, 256)  # what litert-torch's generative recipes (and XNNPACK) support
@@ -164,14 +164,7 @@ class LiteRTAttention(nn.Module):
             raise ValueError("LiteRTAttention serves the functional entry point (forward_with_cache) only")
         a = self.attn
         b, t, _ = x.shape
-        q = a.q_proj(x).view(b, t, a.num_heads, a.head_dim)
-        k = a.k_proj(x).view(b, t, a.num_kv_heads, a.head_dim)
-        v = a.v_proj(x).view(b, t, a.num_kv_heads, a.head_dim)
-        if a.q_norm is not None:
-            q, k = a.q_norm(q), a.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)
-        k = apply_rope(k.transpose(1, 2), cos, sin)
-        v = v.transpose(1, 2)
+        q, k, v = a.project(x, cos, sin)
         zero = torch.zeros([], dtype=torch.int32)
         start = [zero, zero, positions[0].to(torch.int32).reshape([]), zero]
         k_cache = self.dynamic_update_slice(k_cache, k.to(k_cache.dtype), start)

@@ -74,16 +74,19 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, positions, mask, k_cache, v_cache, inplace: bool):
+    def project(self, x, cos, sin):
+        """q, k, v for the new tokens, [b, heads, t, head_dim], with q/k norm and RoPE applied."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)
-        k = apply_rope(k.transpose(1, 2), cos, sin)
-        v = v.transpose(1, 2)
+        return apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
+
+    def forward(self, x, cos, sin, positions, mask, k_cache, v_cache, inplace: bool):
+        b, t, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
         if inplace:
             k_cache.index_copy_(2, positions, k.to(k_cache.dtype))
             v_cache.index_copy_(2, positions, v.to(v_cache.dtype))
