@@ -166,6 +166,8 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
     say(f"{target.name}: latency and memory (separate process, {target.threads} threads)")
     with stage(f"{target.name}: timing"):
         timing = run_in_child(artifact_dir, target.threads, config.evaluation.latency_runs)
+    # A runtime that rewrites the file it opens would make the next check fail with no clue why: say so now.
+    changed = sorted(set(check_integrity(artifact_dir, manifest)["mismatched"]) - set(integrity["mismatched"]))
     total_bytes = sum(f["bytes"] for f in integrity["files"].values())
     params = manifest["model"]["params"]
     report = {
@@ -177,7 +179,7 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
         "executor_note": getattr(runner, "executor_note", None),
         "recipe": target.recipe.model_dump(),
         "artifact": {"bytes": total_bytes, "files": integrity["files"], "params": params, "bytes_per_param": total_bytes / params},
-        "integrity": {"mismatched": integrity["mismatched"]},
+        "integrity": {"mismatched": integrity["mismatched"], "changed_by_validation": changed},
         "parity": parity,
         "greedy": {"reference": ref_greedy, "artifact": our_greedy},
         "series": series,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from llmship.config import TargetProfile
 from llmship.errors import ConfigError
@@ -196,6 +197,40 @@ def test_int4_blocks_reproduce_weights_already_on_a_4bit_grid():
     assert np.abs(decoded - w).max() <= 0.05 * d.min()  # fp16 offset rounding: a few % of a grid step
 
 
+def test_pal4_is_coremltools_kmeans_with_each_group_clustered_once(tiny):
+    """pal4 through llmship's LUT function gives exactly the tables and indices of coremltools' own
+    palettize_weights(mode="kmeans"), and compressing the second function clusters nothing again."""
+    import coremltools.optimize.coreml as cto
+
+    from llmship.exporters import coreml
+    from llmship.models.export import export_stateful
+
+    profile = target("coreml-pal4", max_context=32, prefill_lengths=(8,))
+    coreml.register_index_copy()
+    programs = export_stateful(build_decoder(tiny, 32, torch.float16), 8)
+    mlmodel = coreml.convert_function(programs["decode"], 1, 8, profile.recipe, tiny.spec)
+    keep = coreml.fp16_consts(mlmodel, profile.recipe, tiny.spec)
+    stock = cto.palettize_weights(mlmodel, cto.OptimizationConfig(
+        global_config=cto.OpPalettizerConfig(mode="kmeans", nbits=4, granularity="per_grouped_channel", group_size=16),
+        op_name_configs={name: None for name in keep}))
+    luts: dict = {}
+    ours = coreml.compress(mlmodel, profile.recipe, tiny.spec, luts)
+
+    def tables(model):
+        ops = model._mil_program.functions["main"].find_ops(op_type="constexpr_lut_to_dense")
+        return {op.name: (op.lut.val, op.indices.val) for op in ops}
+
+    expected, got = tables(stock), tables(ours)
+    assert expected and set(got) == set(expected)
+    for name, (lut, indices) in expected.items():
+        np.testing.assert_array_equal(got[name][0], lut)
+        np.testing.assert_array_equal(got[name][1], indices)
+    clustered = len(luts)
+    again = tables(coreml.compress(mlmodel, profile.recipe, tiny.spec, luts))
+    assert clustered > 0 and len(luts) == clustered
+    assert all(np.array_equal(again[name][1], got[name][1]) for name in got)
+
+
 def test_unsupported_recipe_is_a_config_error(tiny, tmp_path):
     with pytest.raises(ConfigError, match="activations int8"):
         export_artifact(tiny, target("coreml-int8", recipe={"weights": "int8", "activations": "int8"}), tmp_path / "x")
@@ -243,6 +278,20 @@ def test_smollm2_fp16_matches_reference(smollm2, tmp_path):
     assert metrics["kl_mean"] <= 1e-3
     report = json.dumps(metrics)
     assert "inf" not in report and "nan" not in report.lower()  # no fp16 overflow anywhere in the program
+
+
+def test_opening_the_package_with_coremltools_leaves_its_bytes(tiny_fp16, tmp_path):
+    """coremltools rewrites Manifest.json whenever it opens a package (validation opens it): the exported
+    file must already be in the form it writes, or the first validation changes the shipped bytes."""
+    import coremltools as ct
+
+    from llmship.manifest import describe_files
+
+    copy = shutil.copytree(tiny_fp16[0], tmp_path / "copy")
+    before = describe_files(copy)
+    ct.models.MLModel(str(copy / "model.mlpackage"), skip_model_load=True)
+    program((copy, None))
+    assert describe_files(copy) == before == tiny_fp16[1]["files"]
 
 
 def test_same_inputs_give_the_same_bytes(tmp_path):

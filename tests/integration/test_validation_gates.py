@@ -159,6 +159,30 @@ def test_modified_artifact_file_fails_integrity(good_artifact, tmp_path):
     assert proc.returncode == 1 and "integrity" in _failed_gates(proc)
 
 
+def test_a_file_changed_during_validation_fails_integrity(stories, good_artifact, tmp_path, monkeypatch):
+    """A runtime that rewrites the file it opens (coremltools did, to a Core ML package's Manifest.json)
+    leaves the artifact unlike its manifest: the report names the file and the integrity gate fails."""
+    import shutil
+
+    from llmship.config import BuildConfig
+    from llmship.pipeline import validate_artifact
+    from llmship.validation import runners
+
+    copy = shutil.copytree(good_artifact, tmp_path / "copy")
+    real_open = runners.open_runner
+
+    def rewriting_open(artifact_dir, manifest, threads):
+        with open(artifact_dir / "tokenizer.json", "a") as f:
+            f.write(" ")
+        return real_open(artifact_dir, manifest, threads)
+
+    monkeypatch.setattr(runners, "open_runner", rewriting_open)
+    config = BuildConfig.model_validate({"evaluation": {"tokens": 64, "latency_runs": 2}})
+    report = validate_artifact(copy, config, loaded=stories)
+    assert report["integrity"] == {"mismatched": [], "changed_by_validation": ["tokenizer.json"]}
+    assert not report["passed"] and [g["name"] for g in report["gates"] if not g["passed"]] == ["integrity"]
+
+
 def test_report_renders_markdown_html_and_junit_with_one_failure_per_failed_gate(stories, good_artifact, tmp_path):
     import shutil
 
