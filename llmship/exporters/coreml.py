@@ -52,7 +52,7 @@ def check_target(target) -> None:
         raise ConfigError("coreml: recipe.embedding fp16 needs recipe.compute fp16")
 
 
-def optimization_config(recipe, keep_fp16: tuple[str, ...] = (), luts: dict | None = None):
+def optimization_config(recipe, keep_fp16: tuple[str, ...], luts: dict):
     """The coremltools.optimize.coreml config for the recipe's weights, or None for fp16/fp32 weights.
     `luts` carries pal4's k-means results from one function's compression to the next."""
     import functools
@@ -66,8 +66,8 @@ def optimization_config(recipe, keep_fp16: tuple[str, ...] = (), luts: dict | No
             if recipe.group_size is None else \
             cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_block", block_size=recipe.group_size)
     else:  # pal4: a 16-entry lookup table per group of output channels, clustered by k-means
-        op = cto.OpPalettizerConfig(mode="custom", lut_function=functools.partial(kmeans_lut, cache={} if luts is None else luts), granularity="per_grouped_channel",
-                                    group_size=recipe.group_size or 16)
+        op = cto.OpPalettizerConfig(mode="custom", lut_function=functools.partial(kmeans_lut, cache=luts),
+                                    granularity="per_grouped_channel", group_size=recipe.group_size or 16)
     return cto.OptimizationConfig(global_config=op, op_name_configs={name: None for name in keep_fp16})
 
 
@@ -77,7 +77,7 @@ def kmeans_lut(group, cache: dict):
 
     The two functions hold the same weights, and coremltools.optimize refuses a multifunction model, so
     each function is compressed on its own; with mode="kmeans" every group would be clustered twice
-    (SmolLM2: 12,800 groups a function at ~36 ms each). Through this custom LUT function the second
+    (SmolLM2: 12,800 groups a function, up to 36 ms each). Through this custom LUT function the second
     function's groups come from the first's results, and both functions store identical tables, which
     save_multifunction then keeps once.
 
@@ -260,7 +260,8 @@ def export(job: ExportJob) -> ExportResult:
         descriptor, luts = ct.utils.MultiFunctionDescriptor(), {}
         for name in FUNCTIONS:
             length = None if name == "prefill" and max_prefill > 1 else 1
-            mlmodel = compress(convert_function(programs[name], length, max_prefill, recipe, job.loaded.spec), recipe, job.loaded.spec, luts)
+            mlmodel = convert_function(programs[name], length, max_prefill, recipe, job.loaded.spec)
+            mlmodel = compress(mlmodel, recipe, job.loaded.spec, luts)
             path = Path(tmp) / f"{name}.mlpackage"
             mlmodel.save(str(path))
             descriptor.add_function(str(path), src_function_name="main", target_function_name=name)
