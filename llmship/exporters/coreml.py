@@ -59,7 +59,7 @@ def optimization_config(recipe, keep_fp16: tuple[str, ...], luts: dict):
 
     import coremltools.optimize.coreml as cto
 
-    if recipe.weights in ("fp16", "fp32", "int4"):  # int4: see Int4BlockMinMax, applied during conversion
+    if recipe.weights in ("fp16", "fp32", "int4"):  # int4: int4_block_minmax, a pass inside the conversion
         return None
     if recipe.weights == "int8":
         op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel") \

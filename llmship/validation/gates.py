@@ -50,7 +50,7 @@ def check_gates(report: dict, gates: Gates, baseline: dict | None = None) -> lis
             continue
         results.append(_gate(name, value, limit, value <= limit if kind == "max" else value >= limit))
     if report.get("integrity") is not None:  # files unlike the manifest, before the run or after it
-        bad = len(report["integrity"]["mismatched"]) + len(report["integrity"].get("changed_by_validation", []))
+        bad = len(report["integrity"]["mismatched"]) + len(report["integrity"]["changed_by_validation"])
         results.append(_gate("integrity", bad, 0, bad == 0))
     if baseline is not None:
         for name, (where, field, worse) in REGRESSION_GATES.items():

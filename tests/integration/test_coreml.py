@@ -286,11 +286,12 @@ def test_opening_the_package_with_coremltools_leaves_its_bytes(tiny_fp16, tmp_pa
     import coremltools as ct
 
     from llmship.manifest import describe_files
+    from llmship.validation.runners.mil_executor import load_program
 
     copy = shutil.copytree(tiny_fp16[0], tmp_path / "copy")
     before = describe_files(copy)
     ct.models.MLModel(str(copy / "model.mlpackage"), skip_model_load=True)
-    program((copy, None))
+    load_program(copy / "model.mlpackage")
     assert describe_files(copy) == before == tiny_fp16[1]["files"]
 
 
