@@ -60,8 +60,9 @@ bench: $(STAMP)  ## SmolLM2-135M against the runtimes' first-party exporters -> 
 bench-quick: $(STAMP)  ## the same on ../shared/models/stories260K
 	$(BIN)/llmship bench --quick --out bench/quick
 
-lint: $(STAMP)
-	$(BIN)/ruff check llmship tests
+lint: $(STAMP)  ## ruff, and no import cycle or layer crossing among llmship's modules
+	$(BIN)/ruff check llmship tests scripts
+	$(BIN)/python scripts/check_imports.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache bench/work

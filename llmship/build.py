@@ -12,25 +12,28 @@ import json
 from pathlib import Path
 
 from llmship.errors import ConfigError
-from llmship.pipeline import REPORT, export_artifact, say, validate_artifact
+from llmship.manifest import REPORT, write_text_atomic
+from llmship.pipeline import export_artifact, toolchain_versions
+from llmship.progress import say
+from llmship.validation.stage import validate_artifact
 
 # Where an app loads assets from: Android merges src/main/assets (assets/llmship/...); iOS copies a folder
 # into the bundle's resources (Resources/llmship/...).
 PLATFORM_ROOTS = {"android": Path("android/assets/llmship"), "ios": Path("ios/Resources/llmship")}
 INDEX = "index.json"
-TOOLCHAIN = ("torch", "executorch", "torchao", "coremltools", "onnx", "onnxruntime", "onnxscript", "onnxruntime-genai",
-             "litert-torch", "ai-edge-litert", "ai-edge-quantizer", "transformers", "gguf", "safetensors", "tokenizers")
 
 
 def inputs_sha256(config, target, source_digest: str) -> str:
-    from llmship.manifest import toolchain_versions
+    """The build inputs of one target: what a rebuild compares. The toolchain is the format registry's list
+    (the same packages the manifest records), so upgrading any of them rebuilds the target."""
+    from llmship.formats import toolchain_packages
 
     record = {
         "source": config.model,
         "source_files": source_digest,
         "target": target.model_dump(mode="json"),
         "evaluation": config.evaluation.model_dump(mode="json"),
-        "toolchain": toolchain_versions(*TOOLCHAIN),
+        "toolchain": toolchain_versions(toolchain_packages(target.format)),
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
@@ -43,13 +46,19 @@ def source_digest(source: str) -> str:
 
 
 def up_to_date(artifact: Path, digest: str) -> dict | None:
-    """The existing report when the artifact was built from exactly these inputs and was validated."""
+    """The existing report when the artifact was built from exactly these inputs, was validated, and its files
+    are still the ones its manifest lists."""
+    from llmship.errors import ManifestError
+    from llmship.manifest import check_integrity, read_manifest
+
     try:
-        manifest = json.loads((artifact / "manifest.json").read_text())
+        manifest = read_manifest(artifact)
         report = json.loads((artifact / REPORT).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, ConfigError, ManifestError):
         return None
-    return report if manifest.get("inputs_sha256") == digest else None
+    if manifest.get("inputs_sha256") != digest or not isinstance(report, dict) or "passed" not in report:
+        return None
+    return None if check_integrity(artifact, manifest)["mismatched"] else report
 
 
 def built_elsewhere(out: Path, model: str, name: str, digest: str, artifact: Path) -> Path | None:
@@ -62,12 +71,13 @@ def built_elsewhere(out: Path, model: str, name: str, digest: str, artifact: Pat
 
 
 def copy_artifact(source: Path, artifact: Path) -> None:
+    """A verified artifact (up_to_date checked its files; it holds no symlinks) copied byte for byte."""
     import shutil
 
-    from llmship.manifest import atomic_directory
+    from llmship.outputs import atomic_directory
 
     with atomic_directory(artifact) as tmp:
-        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        shutil.copytree(source, tmp, dirs_exist_ok=True, symlinks=True)
 
 
 def select_targets(config, only: list[str] | None, platform: str | None) -> list[str]:
@@ -92,19 +102,21 @@ def select_targets(config, only: list[str] | None, platform: str | None) -> list
 def build(config, only: list[str] | None = None, baseline: str | None = None, debug: bool = False,
           platform: str | None = None) -> int:
     """Export and validate the targets into `config.out` (or its platform layout); 1 when a gate failed."""
-    from llmship.config import resolve_target, write_resolved
+    from llmship.config import write_resolved
     from llmship.models import load_model
     from llmship.models.sources import model_slug
+    from llmship.outputs import BUILD_MARK, OutputError, check_build_dir
+    from llmship.targets import resolve_target
     from llmship.validation.report import render_reports
 
     profiles = [resolve_target(config, n) for n in select_targets(config, only, platform)]  # all valid before work
-    out = Path(config.out)
+    out = check_build_dir(config.out)
     root = out / PLATFORM_ROOTS[platform] / model_slug(config.model) if platform else out
     try:
         root.mkdir(parents=True, exist_ok=True)
+        write_resolved(config, profiles, out / BUILD_MARK)
     except OSError as exc:
-        raise ConfigError(f"cannot create output directory {root}: {exc.strerror}") from None
-    write_resolved(config, profiles, out / "llmship.resolved.yaml")
+        raise OutputError(f"cannot write to output directory {root}: {exc.strerror or exc}") from None
     digest = source_digest(config.model)
     loaded, reports = None, {}
     for i, target in enumerate(profiles, 1):
@@ -169,5 +181,5 @@ def write_index(platform_root: Path, platform: str) -> Path:
     path = platform_root / INDEX
     text = json.dumps(index, indent=2) + "\n"
     if not path.is_file() or path.read_text() != text:
-        path.write_text(text)
+        write_text_atomic(path, text)
     return path

@@ -97,12 +97,15 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from llmship.config import load_config, resolve_target
+    from llmship.config import load_config
     from llmship.models import load_model
+    from llmship.outputs import check_output_dir
     from llmship.pipeline import export_artifact
+    from llmship.targets import resolve_target
 
     config = load_config(args.config, args.set)
     target = resolve_target(config, args.target)
+    check_output_dir(args.out)  # before minutes of work, not after
     loaded = load_model(args.model)
     out = export_artifact(loaded, target, args.out, debug=args.debug)
     print(f"wrote {out}")
@@ -111,7 +114,7 @@ def cmd_export(args) -> int:
 
 def cmd_validate(args) -> int:
     from llmship.config import load_config
-    from llmship.pipeline import validate_artifact
+    from llmship.validation.stage import validate_artifact
 
     config = load_config(args.config, args.set)
     report = validate_artifact(Path(args.artifact), config, model=args.model, eval_text=args.eval_text, baseline=args.baseline)
@@ -119,7 +122,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_litertlm(args) -> int:
-    from llmship.exporters.litertlm import bundle
+    from llmship.packaging.litertlm import bundle
 
     print(f"wrote {bundle(args.artifact, args.out)}")
     return 0
@@ -163,7 +166,8 @@ def cmd_matrix(args) -> int:
     import json
 
     from llmship.build import select_targets
-    from llmship.config import load_config, resolve_target
+    from llmship.config import load_config
+    from llmship.targets import resolve_target
 
     config = load_config(args.config, args.set)
     names = select_targets(config, None, args.platform)
@@ -177,8 +181,16 @@ COMMANDS = {"targets": cmd_targets, "inspect": cmd_inspect, "export": cmd_export
             "litertlm": cmd_litertlm}
 
 
+def _terminate(signum, frame):
+    # SIGTERM (a CI runner cancelling a job, `kill`) unwinds like Ctrl-C, so temporary directories are removed.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     args = _parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return COMMANDS[args.command](args)
     except LlmshipError as exc:
@@ -191,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llmship: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `llmship targets | head`: the reader left; nothing to report
+        sys.stdout = None
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Configuration as data: YAML -> pydantic, unknown keys rejected, `--set a.b=c` merged before validation."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -8,7 +9,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from llmship.errors import ConfigError
 
-Format = Literal["onnx", "tflite", "coreml", "executorch", "pytorch"]
 Precision = Literal["fp32", "fp16", "int8", "int4", "pal4"]
 
 
@@ -24,6 +24,9 @@ class Recipe(Strict):
     group_size: int | None = Field(default=None, gt=0)  # block / group size for int4 and palettization
     embedding: Precision | Literal["same"] = "same"  # the embedding (and a tied head) precision
     compute: Literal["fp32", "fp16"] = "fp32"
+    # The integer grid: True = symmetric (no zero point), False = asymmetric (zero points / offsets),
+    # None = the runtime's own default (what its exporter documents). Runtimes say which they can hold.
+    symmetric: bool | None = None
 
     @model_validator(mode="after")
     def _group_size_needs_blocks(self):
@@ -56,8 +59,8 @@ class Gates(Strict):
 class TargetProfile(Strict):
     name: str
     description: str = ""
-    format: Format
-    runtime: str  # runner registry key
+    format: str  # a key of the format registry (llmship/formats.py)
+    runtime: str = ""  # the format's runtime; filled in from the registry
     recipe: Recipe = Recipe()
     kv_cache_dtype: Literal["fp32", "fp16"] = "fp32"
     max_context: int = Field(default=512, gt=0)
@@ -66,6 +69,28 @@ class TargetProfile(Strict):
     device: str = "mid-range phone CPU, 2 big cores"
     default: bool = False  # part of the default target set (`make run`, a config without `targets`)
     gates: Gates = Gates()
+
+    @field_validator("name")
+    @classmethod
+    def _file_name_safe(cls, v):
+        # A target name becomes a directory name under the output directory: nothing that climbs out or hides.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", v) or ".." in v:
+            raise ValueError(f"target name {v!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter "
+                             "or digit (it names a directory)")
+        return v
+
+    @model_validator(mode="after")
+    def _known_format(self):
+        from llmship.formats import FORMATS
+
+        entry = FORMATS.get(self.format)
+        if entry is None:
+            raise ValueError(f"format: unknown format '{self.format}'; known formats: {', '.join(FORMATS)}")
+        if self.runtime and self.runtime != entry.runtime:
+            raise ValueError(f"runtime: format {self.format} runs on '{entry.runtime}', not '{self.runtime}'")
+        if not self.runtime:
+            object.__setattr__(self, "runtime", entry.runtime)
+        return self
 
     @field_validator("prefill_lengths")
     @classmethod
@@ -85,7 +110,7 @@ class Evaluation(Strict):
     tokens: int = Field(default=128, gt=1)  # teacher-forced evaluation length; CI-friendly default
     text: str | None = None  # a text file; default: text sampled from the FP32 reference with `seed`
     seed: int = 0
-    prompts: tuple[str, ...] = ("Once upon a time",)
+    prompts: tuple[str, ...] = Field(default=("Once upon a time",), min_length=1)
     greedy_tokens: int = Field(default=32, gt=0)
     latency_runs: int = Field(default=16, gt=0)  # decode steps timed after warm-up
 
@@ -118,8 +143,14 @@ def parse_set(items: list[str]) -> dict:
             value = raw
         node = merged
         parts = key.split(".")
-        for p in parts[:-1]:
+        if not all(parts):
+            raise ConfigError(f"--set {item}: empty key segment in '{key}'")
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item}: {'.'.join(parts[:i + 1])} is already set to a value, not a mapping")
+        if isinstance(node.get(parts[-1]), dict) and not isinstance(value, dict):
+            raise ConfigError(f"--set {item}: {key} already holds keys set by another --set")
         node[parts[-1]] = value
     return merged
 
@@ -161,23 +192,11 @@ def load_config(path: str | Path | None, sets: list[str] | None = None) -> Build
         raise ConfigError(validation_message(exc, str(path or "config"))) from None
 
 
-def resolve_target(config: BuildConfig, name: str) -> TargetProfile:
-    """A built-in profile with the config's overrides for it applied and re-validated."""
-    from llmship.targets import get_profile
-
-    base = get_profile(name)
-    extra = config.overrides.get(name, {})
-    if not extra:
-        return base
-    try:
-        return TargetProfile.model_validate(deep_merge(base.model_dump(), extra))
-    except ValidationError as exc:
-        raise ConfigError(validation_message(exc, f"overrides.{name}")) from None
-
-
 def write_resolved(config: BuildConfig, targets: list[TargetProfile], path: Path) -> None:
     import yaml
 
+    from llmship.manifest import write_text_atomic
+
     data = config.model_dump(mode="json")
     data["resolved_targets"] = {t.name: t.model_dump(mode="json") for t in targets}
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))

@@ -1,5 +1,11 @@
-"""One error family; each kind carries the exit code of DESIGN.md's contract."""
+"""One error family; each kind carries the exit code of the command-line contract (docs/architecture.md).
+
+Every error a user can cause or meet is one of these classes, chosen where it is raised; no code changes an
+error's type or exit code after the fact.
+"""
 from __future__ import annotations
+
+import importlib
 
 
 class LlmshipError(Exception):
@@ -33,6 +39,10 @@ class ModelError(LlmshipError):
     exit_code = 3
 
 
+class ManifestError(ModelError):
+    """An artifact's manifest.json (or report.json) is corrupt or incomplete; the message names the field."""
+
+
 class ExportError(LlmshipError):
     """An export or conversion step failed; the message names the target and the stage."""
 
@@ -44,7 +54,27 @@ class ExportError(LlmshipError):
         self.stage = stage
 
 
+class StepFailed(LlmshipError):
+    """A step run in a child process (latency measurement) failed for a reason that is not a user's error."""
+
+    exit_code = 4
+
+
 class RuntimeMissing(LlmshipError):
-    """A required runtime is not available on this machine."""
+    """A required runtime or toolchain is not available on this machine."""
 
     exit_code = 5
+
+
+def require(module: str, runtime: str, install: str):
+    """Import a runtime's or converter's Python package, or raise RuntimeMissing (exit 5) saying how to get it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise RuntimeMissing(f"{runtime} is not installed ({exc}); install it with: {install}") from None
+
+
+def error_for_exit_code(code: int, message: str) -> LlmshipError:
+    """The error of the contract's exit `code`, for a child process's failure reported by its exit code."""
+    kinds = {2: ConfigError, 3: ModelError, 5: RuntimeMissing}
+    return kinds.get(code, StepFailed)(message)

@@ -32,3 +32,10 @@ def stage(desc: str):
         stop.set()
         thread.join()
         line.close()
+
+
+def say(msg: str, err: bool = False) -> None:
+    """One line for the user: progress on stdout, a gate failure on stderr."""
+    import sys
+
+    print(("llmship: gate failed: " if err else "") + msg, file=sys.stderr if err else sys.stdout, flush=True)

@@ -45,7 +45,8 @@ def hf_model(name: str, seed: int = 0):
 
 def loaded_from_hf(model, source: str = "test"):
     from llmship.models.builtin import byte_tokenizer
-    from llmship.models.sources import LoadedModel, check_weights
+    from llmship.models.loaded import LoadedModel
+    from llmship.models.weights import check_weights
     from llmship.models.spec import spec_from_config
 
     config = model.config.to_dict()

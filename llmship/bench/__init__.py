@@ -16,7 +16,6 @@ ROW_FIELDS = ("runtime", "tool", "recipe", "model", "bytes", "bytes_per_param", 
 # Every default target, plus the fp32 targets the anchors' fp32 recipes are compared with.
 BENCH_TARGETS = ("pytorch-fp32", "executorch-fp32", "executorch-8da4w", "onnx-fp32", "onnx-int4", "litert-fp32",
                  "litert-int8", "coreml-fp16")
-RUNTIME_OF_FORMAT = {"pytorch": "pytorch", "executorch": "executorch", "onnx": "onnxruntime", "tflite": "litert", "coreml": "coreml"}
 
 
 @dataclass
@@ -39,18 +38,6 @@ def row(**values) -> dict:
     r = {k: None for k in ROW_FIELDS}
     r.update(values)
     return r
-
-
-def parity_vs_reference(logits, eval_tokens: list[int], reference_logits) -> dict:
-    """KL mean and top-1 agreement of an anchor's teacher-forced logits against our reference (.npy path)."""
-    import numpy as np
-
-    from llmship.validation.evaluate import parity_metrics
-
-    ref = np.load(reference_logits)
-    n = min(len(ref), len(logits))
-    metrics, _ = parity_metrics(np.asarray(logits[:n], dtype=np.float32), ref[:n], eval_tokens[:n])
-    return {"kl_mean": metrics["kl_mean"], "top1_agreement": metrics["top1_agreement"]}
 
 
 def prepare(source: str, workdir: Path, quick: bool) -> BenchContext:
@@ -92,6 +79,13 @@ def prepare(source: str, workdir: Path, quick: bool) -> BenchContext:
                         prompt_tokens=list(plan.tokens[:128]), quick=quick)
 
 
+def target_row(profile, model: str) -> dict:
+    """A bench row for one of our targets, labelled with its runtime from the format registry."""
+    from llmship.formats import get_format
+
+    return row(runtime=get_format(profile.format).runtime, tool="llmship", recipe=profile.name, model=model)
+
+
 def llmship_rows(ctx: BenchContext, targets: tuple[str, ...]) -> list[dict]:
     """Our targets through the CLI: export (timed, peak RSS) then validate (parity, latency, size)."""
     from llmship.bench.measure import run_measured
@@ -104,7 +98,7 @@ def llmship_rows(ctx: BenchContext, targets: tuple[str, ...]) -> list[dict]:
             rows.append(row(runtime="?", tool="llmship", recipe=name, model=ctx.model, error="target not available in this build"))
             continue
         art = ctx.workdir / "llmship" / name
-        base = row(runtime=RUNTIME_OF_FORMAT[profile.format], tool="llmship", recipe=name, model=ctx.model)
+        base = target_row(profile, ctx.model)
         print(f"bench: llmship {name}: export", flush=True)
         exp = run_measured([sys.executable, "-m", "llmship", "export", "--model", ctx.source, "--target", name, "--out", str(art)])
         if exp.returncode != 0:

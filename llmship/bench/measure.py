@@ -87,10 +87,20 @@ def measured_row(module: str, base: dict, payload: dict) -> dict:
     return {**base, **json.loads(res.stdout.strip().splitlines()[-1])}
 
 
+def parity_vs_reference(logits, eval_tokens: list[int], reference_logits) -> dict:
+    """KL mean and top-1 agreement of an anchor's teacher-forced logits against our reference (.npy path)."""
+    import numpy as np
+
+    from llmship.validation.evaluate import parity_metrics
+
+    ref = np.load(reference_logits)
+    n = min(len(ref), len(logits))
+    metrics, _ = parity_metrics(np.asarray(logits[:n], dtype=np.float32), ref[:n], eval_tokens[:n])
+    return {"kl_mean": metrics["kl_mean"], "top1_agreement": metrics["top1_agreement"]}
+
+
 def timing_and_parity(args: dict, load_s: float, ttft_s: float, decode_s: float, decode_steps: int, logits) -> dict:
     """The measured fields of a row: load, time to first token, prefill/decode rates, parity vs the reference."""
-    from llmship.bench import parity_vs_reference
-
     return {"load_s": load_s, "ttft_ms": 1000 * ttft_s, "prefill_tok_s": len(args["prompt"]) / ttft_s,
             "decode_tok_s": decode_steps / decode_s, **parity_vs_reference(logits, args["eval"], args["reference"])}
 

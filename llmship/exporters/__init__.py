@@ -1,13 +1,18 @@
-"""Exporters: one module per format, registered by name and imported only when used.
+"""Exporters: one module per format, named by the format registry (llmship/formats.py), imported only when used.
 
-Each module defines `export(job: ExportJob) -> ExportResult`: it traces the canonical model, applies the
-target's recipe with its runtime's own toolchain and writes the model file(s) into `job.out_dir`. The
-pipeline adds tokenizer.json and manifest.json and makes the directory appear atomically.
+Each module defines
+    check(target, spec=None) -> None     what its runtime can hold (bit widths, group sizes, grids, dtypes),
+                                         raising ConfigError naming the field; cheap (no converter imported).
+    export(job: ExportJob) -> ExportResult
+                                         traces the model it is handed (never rebuilds it), applies the recipe
+                                         with its runtime's own toolchain and writes the model file(s) into
+                                         `job.out_dir`.
+The pipeline adds tokenizer.json and manifest.json and makes the directory appear atomically. Exporters import
+nothing from llmship.validation.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
 import warnings
@@ -15,25 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmship.errors import ConfigError
-
 if TYPE_CHECKING:
     from llmship.config import TargetProfile
     from llmship.models.decoder import MobileDecoder
-    from llmship.models.sources import LoadedModel
-
-EXPORTERS = {
-    "pytorch": "llmship.exporters.pytorch",
-    "onnx": "llmship.exporters.onnx",
-    "tflite": "llmship.exporters.tflite",
-    "coreml": "llmship.exporters.coreml",
-    "executorch": "llmship.exporters.executorch",
-}
+    from llmship.models.loaded import LoadedModel
 
 
 @dataclass(frozen=True)
 class ExportJob:
-    decoder: "MobileDecoder"  # FP32 canonical model, max_context already set from the target
+    decoder: "MobileDecoder"  # the canonical model, max_context and cache dtype already set from the target
     loaded: "LoadedModel"
     target: "TargetProfile"
     out_dir: Path  # write model files here (a temporary directory, renamed when all is done)
@@ -43,18 +38,17 @@ class ExportJob:
 class ExportResult:
     entry_points: dict[str, dict]  # name -> {"file", "method"/"signature", "inputs": [...], "outputs": [...]}
     kv_cache: dict[str, Any]  # {"held_as": "state"|"inputs", "dtype", "layout", ...}
-    toolchain: tuple[str, ...] = ()  # package names whose versions go into the manifest
     extra: dict[str, Any] = field(default_factory=dict)  # format-specific manifest fields
 
 
-def get_exporter(fmt: str):
-    if fmt not in EXPORTERS:
-        raise ConfigError(f"unknown format '{fmt}'; known formats: {', '.join(EXPORTERS)}")
-    return importlib.import_module(EXPORTERS[fmt])
+ROLES = ("tokens", "positions", "logits", "cache")
 
 
-def tensor_spec(name: str, dtype: str, shape: list) -> dict:
-    return {"name": name, "dtype": dtype, "shape": list(shape)}
+def tensor_spec(name: str, dtype: str, shape: list, role: str) -> dict:
+    """One input or output of an entry point. `role` tells a caller what to feed: token ids, positions (the
+    first token's or every token's), the logits, or a KV-cache tensor."""
+    assert role in ROLES, role
+    return {"name": name, "dtype": dtype, "shape": list(shape), "role": role}
 
 
 @contextlib.contextmanager

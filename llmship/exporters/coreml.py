@@ -32,24 +32,31 @@ PACKAGE = "model.mlpackage"
 FUNCTIONS = ("prefill", "decode")
 
 
-def check_target(target) -> None:
-    """Raise ConfigError for a profile this format cannot express."""
-    recipe = target.recipe
+def check(target, spec=None) -> None:
+    """What an iOS 18 ML program holds here: fp16/fp32 weights in the compute precision, int8 symmetric per channel
+    or per block, uint4 blocks with fp16 scale and offset (asymmetric), 4-bit palettization; fp16 states."""
+    recipe, name = target.recipe, target.name
     if target.kv_cache_dtype != "fp16":
-        raise ConfigError(f"coreml: kv_cache_dtype must be fp16 (Core ML states are fp16), got {target.kv_cache_dtype}")
+        raise ConfigError(f"{name}: kv_cache_dtype must be fp16 on coreml (Core ML states are fp16), got {target.kv_cache_dtype}")
     if recipe.activations == "int8":
-        raise ConfigError("coreml: recipe.activations int8 needs calibration data, which this exporter does not take; "
+        raise ConfigError(f"{name}: recipe.activations int8 needs calibration data, which this exporter does not take; "
                           "use activations fp16 (or fp32 with compute fp32)")
     if recipe.activations != recipe.compute:
-        raise ConfigError(f"coreml: recipe.activations ({recipe.activations}) must equal recipe.compute ({recipe.compute}); "
+        raise ConfigError(f"{name}: recipe.activations ({recipe.activations}) must equal recipe.compute ({recipe.compute}); "
                           "an ML program computes and stores activations in one precision")
     if recipe.weights in ("fp32", "fp16") and recipe.weights != recipe.compute:
-        raise ConfigError(f"coreml: recipe.weights {recipe.weights} needs recipe.compute {recipe.weights} "
+        raise ConfigError(f"{name}: recipe.weights {recipe.weights} needs recipe.compute {recipe.weights} "
                           "(uncompressed weights are stored in the compute precision)")
     if recipe.embedding not in ("same", recipe.weights, "fp16"):
-        raise ConfigError(f"coreml: recipe.embedding {recipe.embedding} is not supported; use 'same' or 'fp16'")
+        raise ConfigError(f"{name}: recipe.embedding {recipe.embedding} is not supported on coreml; use 'same' or 'fp16'")
     if recipe.embedding == "fp16" and recipe.compute != "fp16":
-        raise ConfigError("coreml: recipe.embedding fp16 needs recipe.compute fp16")
+        raise ConfigError(f"{name}: recipe.embedding fp16 needs recipe.compute fp16")
+    if recipe.weights == "int8" and recipe.symmetric is False:
+        raise ConfigError(f"{name}: recipe.symmetric false: coreml int8 here is symmetric (coremltools linear_symmetric)")
+    if recipe.weights == "int4" and recipe.symmetric is True:
+        raise ConfigError(f"{name}: recipe.symmetric true: coreml int4 here is asymmetric (fp16 scale and offset per block)")
+    if recipe.weights in ("pal4", "fp16", "fp32") and recipe.symmetric is not None:
+        raise ConfigError(f"{name}: recipe.symmetric has no meaning for {recipe.weights} weights")
 
 
 def optimization_config(recipe, keep_fp16: tuple[str, ...], luts: dict):
@@ -244,17 +251,13 @@ def convert_function(program, length, max_prefill: int, recipe, spec):
 
 def export(job: ExportJob) -> ExportResult:
     import coremltools as ct
-    import torch
 
-    from llmship.models import build_decoder
     from llmship.models.export import export_stateful
 
     target, recipe = job.target, job.target.recipe
-    check_target(target)
     register_index_copy()
     max_prefill = max(target.prefill_lengths)
-    decoder = build_decoder(job.loaded, target.max_context, torch.float16)
-    programs = export_stateful(decoder, max_prefill)
+    programs = export_stateful(job.decoder, max_prefill)
     programs.setdefault("prefill", programs["decode"])  # max_prefill == 1: both functions take one token
     with tempfile.TemporaryDirectory(dir=job.out_dir) as tmp:
         descriptor, luts = ct.utils.MultiFunctionDescriptor(), {}
@@ -299,19 +302,18 @@ def _result(job: ExportJob, max_prefill: int) -> ExportResult:
     spec, target, recipe = job.loaded.spec, job.target, job.target.recipe
     logits_dtype = "float16" if recipe.compute == "fp16" else "float32"
     cache_shape = [1, spec.num_kv_heads, target.max_context, spec.head_dim]
-    states = [tensor_spec(f"{kv}_cache_{i}", "float16", cache_shape) for i in range(spec.num_layers) for kv in ("k", "v")]
+    states = [tensor_spec(f"{kv}_cache_{i}", "float16", cache_shape, "cache") for i in range(spec.num_layers) for kv in ("k", "v")]
 
     def entry(name: str, t) -> dict:
         return {"file": PACKAGE, "function": name,
-                "inputs": [tensor_spec("tokens", "int32", [1, t]), tensor_spec("input_pos", "int32", [1])],
-                "outputs": [tensor_spec("logits", logits_dtype, [1, t, spec.vocab_size])],
+                "inputs": [tensor_spec("tokens", "int32", [1, t], "tokens"), tensor_spec("input_pos", "int32", [1], "positions")],
+                "outputs": [tensor_spec("logits", logits_dtype, [1, t, spec.vocab_size], "logits")],
                 "states": states}
 
     return ExportResult(
         entry_points={"prefill": entry("prefill", "T" if max_prefill > 1 else 1), "decode": entry("decode", 1)},
         kv_cache={"held_as": "state", "dtype": "float16", "state_names": ["k_cache_{layer}", "v_cache_{layer}"],
                   "usage": "one MLState from makeState() on either function serves both; a new one is an empty cache"},
-        toolchain=("coremltools", "numpy"),
         extra={"coreml": {
             "package": PACKAGE,
             "model_type": "mlProgram",

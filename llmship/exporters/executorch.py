@@ -121,31 +121,40 @@ class QuantPlan:
     embedding: WeightQuant | None = None  # weight-only (a table lookup has no activations)
 
 
+def check(target, spec=None) -> None:
+    """What XNNPACK's kernels hold: fp32, or int8 per channel / int4 in groups of a multiple of 32 with dynamic
+    int8 activations (qd8 GEMMs); symmetric grids only (no zero points); an fp32 cache and fp32 compute."""
+    r, name = target.recipe, target.name
+    if target.kv_cache_dtype != "fp32":
+        raise ConfigError(f"{name}: kv_cache_dtype must be fp32 on executorch (llama::custom_sdpa reads the cache in the query's dtype)")
+    if r.compute != "fp32":
+        raise ConfigError(f"{name}: recipe.compute must be fp32 on executorch (the XNNPACK path here computes in fp32)")
+    if r.weights not in ("fp32", "int8", "int4"):
+        raise ConfigError(f"{name}: recipe.weights {r.weights} is not available on executorch (fp32, int8, int4)")
+    if r.symmetric is False:
+        raise ConfigError(f"{name}: recipe.symmetric false: XNNPACK's int4/int8 weights are symmetric (no zero points)")
+    if r.weights == "int4" and r.group_size is not None and r.group_size % 32:
+        raise ConfigError(f"{name}: recipe.group_size {r.group_size}: XNNPACK's int4 kernels need a multiple of 32")
+    if r.weights == "int8" and r.group_size is not None:
+        raise ConfigError(f"{name}: recipe.group_size: int8 weights are per-channel on XNNPACK; group_size applies to int4 only")
+    if r.weights == "fp32" and r.activations != "fp32":
+        raise ConfigError(f"{name}: recipe.activations int8 needs int8 or int4 weights")
+    if r.weights in ("int4", "int8") and r.activations != "int8":
+        raise ConfigError(
+            f"{name}: recipe.activations must be int8 with {r.weights} weights: XNNPACK keeps int4/int8 linear weights only "
+            "with dynamic int8 activations (qd8 GEMMs); a weight-only linear is dequantized to fp32 at export, losing the size")
+    if r.embedding not in ("same", "fp32", "int8", "int4"):
+        raise ConfigError(f"{name}: recipe.embedding {r.embedding} is not available on executorch (fp32, int8, int4)")
+
+
 def _weight_quant(precision: str, group_size: int | None) -> WeightQuant | None:
     if precision == "fp32":
         return None
-    if precision == "int4":
-        return WeightQuant(4, group_size or DEFAULT_GROUP)
-    if precision == "int8":
-        return WeightQuant(8, None)
-    raise ConfigError(f"the executorch target supports fp32, int8 and int4 weights, not {precision}")
+    return WeightQuant(4, group_size or DEFAULT_GROUP) if precision == "int4" else WeightQuant(8, None)
 
 
 def quant_plan(recipe, spec) -> QuantPlan:
-    """Map a Recipe onto XNNPACK's kernels, rejecting what they cannot run."""
-    if recipe.compute != "fp32":
-        raise ConfigError("executorch: recipe.compute must be fp32 (the XNNPACK path here computes in fp32)")
-    if recipe.weights == "int4" and recipe.group_size is not None and recipe.group_size % 32:
-        raise ConfigError(f"executorch: XNNPACK's int4 kernels need recipe.group_size a multiple of 32, got {recipe.group_size}")
-    if recipe.weights == "int8" and recipe.group_size is not None:
-        raise ConfigError("executorch: int8 weights are per-channel on XNNPACK; recipe.group_size applies to int4 only")
-    if recipe.weights == "fp32" and recipe.activations != "fp32":
-        raise ConfigError("executorch: recipe.activations int8 needs int8 or int4 weights")
-    if recipe.weights in ("int4", "int8") and recipe.activations != "int8":
-        raise ConfigError(
-            "executorch: XNNPACK keeps int4/int8 linear weights only with dynamic int8 activations (qd8 GEMMs); a "
-            "weight-only linear is lowered with its weight dequantized to fp32 at export, losing the size. "
-            "Set recipe.activations: int8")
+    """Map a (checked) Recipe onto XNNPACK's kernels."""
     linears = _weight_quant(recipe.weights, recipe.group_size)
     emb_precision = recipe.weights if recipe.embedding == "same" else recipe.embedding
     embedding = _weight_quant(emb_precision, recipe.group_size)
@@ -311,21 +320,19 @@ def build_pte(decoder, target, plan: QuantPlan, methods: tuple[str, ...] = ("pre
 
 
 def _entry_points(spec, target) -> dict:
-    cache = [tensor_spec(f"{kv}_cache_{i}", "float32", [1, target.max_context, spec.num_kv_heads, spec.head_dim])
+    cache = [tensor_spec(f"{kv}_cache_{i}", "float32", [1, target.max_context, spec.num_kv_heads, spec.head_dim], "cache")
              for i in range(spec.num_layers) for kv in ("k", "v")]
-    logits = tensor_spec("logits", "float32", [1, "T", spec.vocab_size])
-    pos = tensor_spec("input_pos", "int64", [1])
-    prefill = {"file": PTE, "method": "prefill", "inputs": [tensor_spec("tokens", "int64", [1, "T"]), pos],
-               "outputs": [logits], "state": cache, "T": [1, max(target.prefill_lengths)]}
-    decode = {"file": PTE, "method": "decode", "inputs": [tensor_spec("tokens", "int64", [1, 1]), pos],
-              "outputs": [tensor_spec("logits", "float32", [1, 1, spec.vocab_size])], "state": cache}
-    return {"prefill": prefill, "decode": decode}
+    pos = tensor_spec("input_pos", "int64", [1], "positions")
+
+    def entry(method: str, t) -> dict:
+        return {"file": PTE, "method": method, "inputs": [tensor_spec("tokens", "int64", [1, t], "tokens"), pos],
+                "outputs": [tensor_spec("logits", "float32", [1, t, spec.vocab_size], "logits")], "state": cache}
+
+    return {"prefill": dict(entry("prefill", "T"), T=[1, max(target.prefill_lengths)]), "decode": entry("decode", 1)}
 
 
 def export(job: ExportJob) -> ExportResult:
     target, spec = job.target, job.loaded.spec
-    if target.kv_cache_dtype != "fp32":
-        raise ConfigError("executorch: kv_cache_dtype must be fp32 (llama::custom_sdpa reads the cache in the query's dtype)")
     plan = quant_plan(target.recipe, spec)
     pte, notes = build_pte(job.decoder, target, plan)
     (job.out_dir / PTE).write_bytes(pte)
@@ -344,7 +351,6 @@ def export(job: ExportJob) -> ExportResult:
                   "mechanism": "mutable buffers planned once and shared by every method (share_mutable_buffers)",
                   "reset": "start again at input_pos 0: attention reads only positions < input_pos + T, so stale "
                            "entries are never seen"},
-        toolchain=("executorch", "torchao"),
         extra={"executorch": {
             "backend": "XnnpackBackend",
             "metadata_methods": metadata(spec, target),

@@ -38,7 +38,6 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import torch
-from torch import nn
 
 from llmship.errors import ConfigError
 from llmship.exporters import ExportJob, ExportResult, tensor_spec
@@ -53,19 +52,7 @@ HEAD = "lm_head/MatMul"
 EMBEDDING = "model.embed_tokens/Gather"
 PAST = ("past_key_values.%d.key", "past_key_values.%d.value")
 PRESENT = ("present.%d.key", "present.%d.value")
-TOOLCHAIN = ("onnx", "onnxruntime", "onnxscript", "onnx-ir", "onnxruntime-genai")
-
-
-class GenaiDecoder(nn.Module):
-    """The canonical model under genai's input names: the write position comes from position_ids[0, 0]."""
-
-    def __init__(self, decoder):
-        super().__init__()
-        self.decoder = decoder
-
-    def forward(self, input_ids, position_ids, *past):
-        logits, ks, vs = self.decoder.forward_with_cache(input_ids, position_ids[0, :1], list(past[0::2]), list(past[1::2]))
-        return (logits, *[t for kv in zip(ks, vs) for t in kv])
+MATMUL_NBITS_BLOCKS = (16, 32, 64, 128, 256)
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -84,15 +71,18 @@ def _index_copy(self, dim: int, index, source):
 
 
 def trace(decoder):
-    """torch.export + torch.onnx of the genai-shaped decoder; returns an onnx_ir Model."""
+    """torch.export + torch.onnx of the cache-I/O decoder under genai's names (input_ids, position_ids [1, T] whose
+    first entry is the first cache row written, past/present); returns an onnx_ir Model."""
     from torch.export import Dim
+
+    from llmship.models.decoder import CacheIODecoder
 
     spec, c = decoder.spec, decoder.max_context
     past = [torch.zeros(decoder.cache_shape) for _ in range(2 * spec.num_layers)]
     args = (torch.zeros((1, 2), dtype=torch.int64), torch.arange(2, dtype=torch.int64)[None], *past)
     seq = Dim("sequence_length", min=1, max=c)
     with torch.no_grad():
-        program = torch.export.export(GenaiDecoder(decoder), args, strict=False,
+        program = torch.export.export(CacheIODecoder(decoder), args, strict=False,
                                       dynamic_shapes=({1: seq}, {1: seq}, tuple([None] * len(past))))
     inputs, outputs = io_names(spec.num_layers)
     onnx_program = torch.onnx.export(program, dynamo=True, input_names=inputs, output_names=outputs, opset_version=OPSET,
@@ -248,26 +238,37 @@ def int8_embedding_rows(model) -> None:
 
 # ---- quantization (onnxruntime.quantization) --------------------------------------------------------------
 
-def check_recipe(job: ExportJob) -> str:
-    """The embedding precision the recipe asks for ('fp32' or a weight precision), or ConfigError."""
-    r, name = job.target.recipe, job.target.name
+def check(target, spec=None) -> None:
+    """What ONNX Runtime's CPU provider holds here: fp32; MatMulNBits 4/8-bit blocks of 16..256 (power of two),
+    symmetric or asymmetric; per-channel int8 with dynamic int8 activations (MatMulInteger, symmetric);
+    fp32 compute and cache."""
+    r, name = target.recipe, target.name
     if r.weights not in ("fp32", "int8", "int4"):
         raise ConfigError(f"{name}: recipe.weights {r.weights} is not available for onnx (fp32, int8, int4)")
-    if r.compute != "fp32" or job.target.kv_cache_dtype != "fp32":
-        raise ConfigError(f"{name}: onnx targets ONNX Runtime's CPU provider in fp32; recipe.compute and kv_cache_dtype must be fp32")
+    if r.compute != "fp32":
+        raise ConfigError(f"{name}: recipe.compute must be fp32: onnx targets ONNX Runtime's CPU provider in fp32")
+    if target.kv_cache_dtype != "fp32":
+        raise ConfigError(f"{name}: kv_cache_dtype must be fp32 on onnx (the graph's past/present are fp32)")
     if r.activations not in ("fp32", "int8") or (r.weights == "fp32" and r.activations != "fp32"):
         raise ConfigError(f"{name}: recipe.activations {r.activations} is not available with {r.weights} weights on onnx")
-    if r.weights == "int8" and r.group_size is None and r.activations != "int8":
-        raise ConfigError(f"{name}: onnx per-channel int8 is dynamic quantization (MatMulInteger): set recipe.activations: int8, "
-                          "or recipe.group_size for block-wise int8 weights (MatMulNBits)")
-    if r.group_size is not None and r.group_size not in (16, 32, 64, 128, 256):
-        raise ConfigError(f"{name}: recipe.group_size {r.group_size} must be a power of two from 16 to 256 for MatMulNBits")
-    embedding = r.weights if r.embedding == "same" else r.embedding
+    if r.weights == "int8" and r.group_size is None:
+        if r.activations != "int8":
+            raise ConfigError(f"{name}: recipe.activations: onnx per-channel int8 is dynamic quantization (MatMulInteger): set "
+                              "recipe.activations: int8, or recipe.group_size for block-wise int8 weights (MatMulNBits)")
+        if r.symmetric is False:
+            raise ConfigError(f"{name}: recipe.symmetric false: per-channel int8 weights (MatMulInteger) are symmetric here; "
+                              "set recipe.group_size for asymmetric block-wise int8 (MatMulNBits)")
+    if r.group_size is not None and r.group_size not in MATMUL_NBITS_BLOCKS:
+        raise ConfigError(f"{name}: recipe.group_size {r.group_size} must be one of {', '.join(map(str, MATMUL_NBITS_BLOCKS))} "
+                          "for MatMulNBits")
     allowed = {"fp32": ("fp32",), "int8": ("fp32", "int8"), "int4": ("fp32", "int8", "int4")}[r.weights]
-    if embedding not in allowed:
+    if embedding_precision(r) not in allowed:
         raise ConfigError(f"{name}: recipe.embedding {r.embedding} is not available with {r.weights} weights on onnx "
                           f"({', '.join(('same',) + allowed)})")
-    return embedding
+
+
+def embedding_precision(recipe) -> str:
+    return recipe.weights if recipe.embedding == "same" else recipe.embedding
 
 
 def _nbits(proto, include: set[str], bits: int, block: int, hqq: bool = False):
@@ -440,7 +441,7 @@ def _sentencepiece_style(tok) -> bool:
 
 
 def export(job: ExportJob) -> ExportResult:
-    embedding = check_recipe(job)
+    embedding = embedding_precision(job.target.recipe)
     spec, c, recipe = job.loaded.spec, job.target.max_context, job.target.recipe
     model = trace(job.decoder)
     attend_to_cache_directly(model)
@@ -457,20 +458,20 @@ def export(job: ExportJob) -> ExportResult:
     (job.out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(job), indent=2) + "\n")
 
     cache = [spec.num_kv_heads, c, spec.head_dim]
-    past = [tensor_spec(p % i, "float32", [1, *cache]) for i in range(spec.num_layers) for p in PAST]
-    present = [tensor_spec(p % i, "float32", [1, *cache]) for i in range(spec.num_layers) for p in PRESENT]
+    past = [tensor_spec(p % i, "float32", [1, *cache], "cache") for i in range(spec.num_layers) for p in PAST]
+    present = [tensor_spec(p % i, "float32", [1, *cache], "cache") for i in range(spec.num_layers) for p in PRESENT]
 
     def entry(t):
         return {"file": MODEL_FILE, "method": "InferenceSession.run",
-                "inputs": [tensor_spec("input_ids", "int64", [1, t]), tensor_spec("position_ids", "int64", [1, t]), *past],
-                "outputs": [tensor_spec("logits", "float32", [1, t, spec.vocab_size]), *present]}
+                "inputs": [tensor_spec("input_ids", "int64", [1, t], "tokens"), tensor_spec("position_ids", "int64", [1, t], "positions"),
+                           *past],
+                "outputs": [tensor_spec("logits", "float32", [1, t, spec.vocab_size], "logits"), *present]}
 
     ops = sorted({n.op_type for n in model.graph if n.domain == "com.microsoft" or n.op_type in ("MatMulInteger", "DynamicQuantizeLinear")})
     return ExportResult(
         entry_points={"prefill": entry("T"), "decode": entry(1)},
         kv_cache={"held_as": "inputs", "dtype": "float32", "inputs": list(PAST), "outputs": list(PRESENT),
                   "share_buffer": "present.%d.* may be bound to the same buffer as past_key_values.%d.* (written in place)"},
-        toolchain=TOOLCHAIN,
         extra={"onnx": {
             "opset": OPSET,
             "external_data": data_file,

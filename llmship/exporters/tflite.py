@@ -29,42 +29,43 @@ from torch.nn import functional as F
 
 from llmship.errors import ConfigError
 from llmship.exporters import ExportJob, ExportResult, tensor_spec
-from llmship.models.decoder import MobileDecoder
+from llmship.models.decoder import CacheIODecoder, MobileDecoder, cache_names, with_attention
 
 MODEL_FILE = "model.tflite"
 INT4_BLOCK_SIZES = (32, 64, 128, 256)  # what litert-torch's generative recipes (and XNNPACK) support
-TOOLCHAIN = ("litert-torch", "ai-edge-litert", "ai-edge-quantizer", "litert-converter")
 
 
 def prefill_signature(length: int) -> str:
     return f"prefill_{length}"
 
 
-def cache_names(num_layers: int) -> list[str]:
-    return [f"{kv}_cache_{i}" for i in range(num_layers) for kv in ("k", "v")]
-
-
-def check_recipe(recipe) -> None:
-    """Raise ConfigError for a recipe LiteRT cannot express with litert-torch's quantization recipes."""
+def check(target, spec=None) -> None:
+    """What LiteRT holds with litert-torch's quantization recipes: fp32, fp16 weights, int8 per channel (dynamic
+    range or weight-only), int4 in blocks of 32/64/128/256 (dynamic range); symmetric grids only."""
+    recipe, name = target.recipe, target.name
     if recipe.compute != "fp32":
-        raise ConfigError("tflite: recipe.compute fp16 is a runtime (delegate) choice in LiteRT, not part of the model "
+        raise ConfigError(f"{name}: recipe.compute fp16 is a runtime (delegate) choice in LiteRT, not part of the model "
                           "file; use compute fp32 (fp16 weights are recipe.weights fp16)")
     if recipe.embedding not in ("same", recipe.weights):
-        raise ConfigError(f"tflite: recipe.embedding {recipe.embedding} is not supported; the embedding follows "
+        raise ConfigError(f"{name}: recipe.embedding {recipe.embedding} is not supported on tflite; the embedding follows "
                           "recipe.weights (use 'same')")
     w, act = recipe.weights, recipe.activations
     if w == "pal4":
-        raise ConfigError("tflite: recipe.weights pal4 (palettization) has no LiteRT recipe; use int4 or int8")
-    if w in ("fp32", "fp16") and act != "fp32":
-        raise ConfigError(f"tflite: recipe.activations {act} needs integer weights (int8 or int4)")
+        raise ConfigError(f"{name}: recipe.weights pal4 (palettization) has no LiteRT recipe; use int4 or int8")
+    if act not in ("fp32", "int8") or (w in ("fp32", "fp16") and act != "fp32"):
+        raise ConfigError(f"{name}: recipe.activations {act} is not available with {w} weights on tflite")
+    if recipe.symmetric is False and w in ("int8", "int4"):
+        raise ConfigError(f"{name}: recipe.symmetric false: LiteRT's int8/int4 weights are symmetric (no zero points)")
     if w == "int8" and recipe.group_size is not None:
-        raise ConfigError("tflite: int8 weights are quantized per output channel; remove recipe.group_size")
+        raise ConfigError(f"{name}: recipe.group_size: int8 weights are quantized per output channel on tflite; remove it")
     if w == "int4":
         if act != "int8":
-            raise ConfigError("tflite: int4 weights exist only as dynamic-range quantization; set recipe.activations int8")
+            raise ConfigError(f"{name}: recipe.activations: int4 weights exist only as dynamic-range quantization; set int8")
         if (recipe.group_size or 32) not in INT4_BLOCK_SIZES:
-            raise ConfigError(f"tflite: recipe.group_size {recipe.group_size} is not a LiteRT int4 block size "
+            raise ConfigError(f"{name}: recipe.group_size {recipe.group_size} is not a LiteRT int4 block size "
                               f"({', '.join(map(str, INT4_BLOCK_SIZES))})")
+        if spec is not None:
+            int4_fallbacks(recipe, spec)
 
 
 def _op_config(weights: str, group_size: int | None, activations: str):
@@ -129,16 +130,11 @@ def recipe_description(recipe) -> str:
     }[recipe.weights]
 
 
-def litert_decoder(loaded, max_context: int, cache_dtype: torch.dtype = torch.float32) -> MobileDecoder:
-    """The canonical model with each layer's attention swapped for `LiteRTAttention` (weights shared)."""
+def litert_decoder(decoder: MobileDecoder) -> MobileDecoder:
+    """The canonical model computed with each layer's attention as `LiteRTAttention` (weights shared, `decoder` unchanged)."""
     from litert_torch.generative.custom_ops.dynamic_update_slice import dynamic_update_slice
 
-    from llmship.models import build_decoder
-
-    decoder = build_decoder(loaded, max_context, cache_dtype)
-    for layer in decoder.model.layers:
-        layer.self_attn = LiteRTAttention(layer.self_attn, dynamic_update_slice)
-    return decoder
+    return with_attention(decoder, lambda attn: LiteRTAttention(attn, dynamic_update_slice))
 
 
 class LiteRTAttention(nn.Module):
@@ -178,25 +174,11 @@ class LiteRTAttention(nn.Module):
         return a.o_proj(out), k_cache, v_cache
 
 
-class CacheSignature(nn.Module):
-    """The functional decoder with named inputs and outputs (kwargs in, dict out): litert-torch names a
-    signature's tensors after them, so they are `tokens`, `input_pos`, `k_cache_<i>`, `v_cache_<i>`, `logits`."""
-
-    def __init__(self, decoder: MobileDecoder):
-        super().__init__()
-        self.decoder = decoder
-        self.names = cache_names(decoder.spec.num_layers)
-
-    def forward(self, tokens, input_pos, **caches):
-        # input_pos holds every token's position (LiteRT-LM's convention); the canonical model takes the
-        # first and writes and attends at input_pos[0] + arange(T).
-        ks, vs = [caches[n] for n in self.names[0::2]], [caches[n] for n in self.names[1::2]]
-        logits, ks, vs = self.decoder.forward_with_cache(tokens, input_pos[:1], ks, vs)
-        return {"logits": logits, **dict(zip(self.names, [t for kv in zip(ks, vs) for t in kv]))}
-
-
-def sample_inputs(decoder: MobileDecoder, length: int, cache_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    caches = {n: torch.zeros(decoder.cache_shape, dtype=cache_dtype) for n in cache_names(decoder.spec.num_layers)}
+def sample_inputs(decoder: MobileDecoder, length: int) -> dict[str, torch.Tensor]:
+    """A signature's named inputs (litert-torch names its tensors after the keyword arguments): tokens [1, T] int32,
+    input_pos [T] int32 (every token's position, LiteRT-LM's convention), and the caches."""
+    dtype = decoder.k_cache_0.dtype
+    caches = {n: torch.zeros(decoder.cache_shape, dtype=dtype) for n in cache_names(decoder.spec.num_layers)}
     return {"tokens": torch.zeros((1, length), dtype=torch.int32), "input_pos": torch.arange(length, dtype=torch.int32), **caches}
 
 
@@ -204,15 +186,12 @@ def export(job: ExportJob) -> ExportResult:
     import litert_torch
 
     target, recipe = job.target, job.target.recipe
-    check_recipe(recipe)
-    cache_dtype = torch.float16 if target.kv_cache_dtype == "fp16" else torch.float32
-    decoder = litert_decoder(job.loaded, target.max_context, cache_dtype)
-    module = CacheSignature(decoder).eval()
+    decoder = litert_decoder(job.decoder)
+    module = CacheIODecoder(decoder).eval()
     converter = None
     for name, length in [*((prefill_signature(t), t) for t in target.prefill_lengths), ("decode", 1)]:
         add = litert_torch.signature if converter is None else converter.signature
-        converter = add(name, module, sample_kwargs=sample_inputs(decoder, length, cache_dtype))
-    int4_fallbacks(recipe, job.loaded.spec)  # a block size the model cannot take fails before converting
+        converter = add(name, module, sample_kwargs=sample_inputs(decoder, length))
     with torch.no_grad():
         content = converter.convert().model_content()
     if recipe.weights != "fp32":
@@ -224,13 +203,14 @@ def export(job: ExportJob) -> ExportResult:
 def _result(job: ExportJob) -> ExportResult:
     spec, target, recipe = job.loaded.spec, job.target, job.target.recipe
     cache_dtype = "float16" if target.kv_cache_dtype == "fp16" else "float32"
-    caches = [tensor_spec(n, cache_dtype, [1, spec.num_kv_heads, target.max_context, spec.head_dim])
+    caches = [tensor_spec(n, cache_dtype, [1, spec.num_kv_heads, target.max_context, spec.head_dim], "cache")
               for n in cache_names(spec.num_layers)]
 
     def entry(signature: str, t: int) -> dict:
         return {"file": MODEL_FILE, "signature": signature,
-                "inputs": [tensor_spec("tokens", "int32", [1, t]), tensor_spec("input_pos", "int32", [t]), *caches],
-                "outputs": [tensor_spec("logits", "float32", [1, t, spec.vocab_size]), *caches]}
+                "inputs": [tensor_spec("tokens", "int32", [1, t], "tokens"), tensor_spec("input_pos", "int32", [t], "positions"),
+                           *caches],
+                "outputs": [tensor_spec("logits", "float32", [1, t, spec.vocab_size], "logits"), *caches]}
 
     entries = {prefill_signature(t): entry(prefill_signature(t), t) for t in target.prefill_lengths}
     entries["decode"] = entry("decode", 1)
@@ -240,7 +220,6 @@ def _result(job: ExportJob) -> ExportResult:
                   "inputs": ["k_cache_{layer}", "v_cache_{layer}"], "outputs": ["k_cache_{layer}", "v_cache_{layer}"],
                   "how": "every signature takes all caches and returns them updated under the same names; pass the "
                          "outputs of one call as the inputs of the next (any signature); zeros to start over"},
-        toolchain=TOOLCHAIN,
         extra={"litert": {
             "model_file": MODEL_FILE,
             "signatures": list(entries),

@@ -7,6 +7,10 @@ from pathlib import Path
 import torch
 
 from llmship.errors import ModelError, RuntimeMissing
+from llmship.models.gguf_file import load_gguf
+from llmship.models.loaded import LoadedModel
+from llmship.models.spec import spec_from_config
+from llmship.models.weights import expected_weight_shapes
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -30,9 +34,6 @@ def smollm2_gguf_path() -> Path:
 
 def random_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     """Seeded weights in the shapes config.json implies (std 0.02 like HF init; norms near 1)."""
-    from llmship.models.sources import expected_weight_shapes
-    from llmship.models.spec import spec_from_config
-
     gen = torch.Generator().manual_seed(seed)
     weights = {}
     for name, shape in expected_weight_shapes(spec_from_config(config)).items():
@@ -61,10 +62,6 @@ def byte_tokenizer(vocab_size: int):
 
 
 def load(source: str):
-    from llmship.models.gguf_file import load_gguf
-    from llmship.models.sources import LoadedModel
-    from llmship.models.spec import spec_from_config
-
     if source == "builtin:smollm2-135m":
         return load_gguf(smollm2_gguf_path(), source)
     if source == "builtin:tiny":

@@ -222,14 +222,47 @@ class MobileDecoder(nn.Module):
             cache.zero_()
 
 
+def cache_names(num_layers: int) -> list[str]:
+    """The canonical cache tensor names, in the order the cache-I/O entry point takes and returns them."""
+    return [f"{kv}_cache_{i}" for i in range(num_layers) for kv in ("k", "v")]
+
+
 class CacheIODecoder(nn.Module):
-    """The functional entry point as a module, for exporters that pass the cache as inputs/outputs:
-    forward(tokens, input_pos, k_0, v_0, ..., k_{L-1}, v_{L-1}) -> (logits, k_0', v_0', ...)."""
+    """The functional entry point as a module, for the formats that carry the cache as inputs and outputs
+    (ONNX, TFLite): forward(tokens[1,T], input_pos, k_0, v_0, ..., k_{L-1}, v_{L-1}) -> (logits, k_0', v_0', ...).
+
+    `input_pos` holds every token's position ([T] or [1, T]; the model reads the first and writes and attends
+    at input_pos[0] + arange(T)). Called with the caches as keyword arguments named `cache_names` (how
+    litert-torch names a signature's tensors), it returns a dict {"logits": ..., name: updated cache}.
+    """
 
     def __init__(self, decoder: MobileDecoder):
         super().__init__()
         self.decoder = decoder
+        self.names = cache_names(decoder.spec.num_layers)
 
-    def forward(self, tokens, input_pos, *caches):
-        logits, ks, vs = self.decoder.forward_with_cache(tokens, input_pos, list(caches[0::2]), list(caches[1::2]))
-        return (logits, *[t for kv in zip(ks, vs) for t in kv])
+    def forward(self, tokens, input_pos, *caches, **named_caches):
+        if named_caches:
+            caches = tuple(named_caches[n] for n in self.names)
+        logits, ks, vs = self.decoder.forward_with_cache(tokens, input_pos.reshape(-1)[:1], list(caches[0::2]), list(caches[1::2]))
+        updated = [t for kv in zip(ks, vs) for t in kv]
+        return {"logits": logits, **dict(zip(self.names, updated))} if named_caches else (logits, *updated)
+
+
+def with_attention(decoder: MobileDecoder, wrap) -> MobileDecoder:
+    """A decoder that computes like `decoder` with each layer's attention replaced by `wrap(attention)`, sharing
+    every weight and buffer; `decoder` itself is left as it was (exporters do not change the model they are given)."""
+    import copy
+
+    clone = copy.copy(decoder)
+    clone._modules = dict(decoder._modules)
+    clone.model = copy.copy(decoder.model)
+    clone.model._modules = dict(decoder.model._modules)
+    layers = []
+    for layer in decoder.model.layers:
+        new = copy.copy(layer)
+        new._modules = dict(layer._modules)
+        new.self_attn = wrap(layer.self_attn)
+        layers.append(new)
+    clone.model.layers = nn.ModuleList(layers)
+    return clone

@@ -12,8 +12,7 @@ def example_tokens(t: int, dtype=torch.int64) -> tuple[torch.Tensor, torch.Tenso
 
 
 def export_stateful(decoder: MobileDecoder, max_prefill: int, token_dtype=torch.int64) -> dict[str, ExportedProgram]:
-    """prefill (T dynamic in [2, max_prefill]... or exactly 2 when max_prefill is 1) and decode (T = 1),
-    the KV cache as mutated buffers."""
+    """prefill (T dynamic in [1, max_prefill], traced at 2) and decode (T = 1), the KV cache as mutated buffers."""
     programs = {}
     with torch.no_grad():
         if max_prefill > 1:

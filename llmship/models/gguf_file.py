@@ -9,7 +9,9 @@ import numpy as np
 import torch
 
 from llmship.errors import ModelError
+from llmship.models.loaded import LoadedModel
 from llmship.models.spec import SUPPORTED_ARCHITECTURES, spec_from_config
+from llmship.models.weights import check_weights
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -50,8 +52,11 @@ def gguf_config(reader) -> dict:
     tensor_names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in tensor_names:
         raise ModelError("GGUF with rope_freqs (llama3 rope scaling) is not supported; use the Hugging Face checkpoint")
-    heads = int(_field(reader, f"{arch}.attention.head_count"))
-    hidden = int(_field(reader, f"{arch}.embedding_length"))
+    heads, hidden = _field(reader, f"{arch}.attention.head_count"), _field(reader, f"{arch}.embedding_length")
+    for key, value in (("attention.head_count", heads), ("embedding_length", hidden), ("block_count", _field(reader, f"{arch}.block_count")),
+                       ("feed_forward_length", _field(reader, f"{arch}.feed_forward_length"))):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ModelError(f"GGUF metadata {arch}.{key} is {'missing' if value is None else repr(value)}; it must be a positive integer")
     tokens = _field(reader, "tokenizer.ggml.tokens") or []
     return {
         "model_type": arch,
@@ -76,8 +81,6 @@ def gguf_config(reader) -> dict:
 def load_gguf(path: Path, source: str):
     import gguf
 
-    from llmship.models.sources import LoadedModel, check_weights
-
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:
@@ -97,11 +100,18 @@ def load_gguf(path: Path, source: str):
         if spec.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             w = _unpermute(w, spec.num_heads if "q_proj" in name else spec.num_kv_heads)
         weights[name] = torch.from_numpy(np.array(w, dtype=np.float32))  # a copy: F32 tensors are read-only memmaps
-    check_weights(spec, weights, source)
-    return LoadedModel(source, config, spec, weights, gguf_tokenizer(path), (path,))
+    tokenizer = gguf_tokenizer(path)
+    check_weights(spec, weights, source, tokenizer)
+    return LoadedModel(source, config, spec, weights, tokenizer, (path,))
 
 
 def gguf_tokenizer(path: Path):
+    """The GGUF's vocabulary as a `tokenizers` tokenizer, through transformers' converter. The converter adds
+    GPT-2's `<|endoftext|>` when the vocabulary lacks it; an id past the GGUF's own token list has no row in the
+    embedding, so such added tokens are dropped."""
+    import json
+
+    from tokenizers import Tokenizer
     from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
 
     try:
@@ -109,4 +119,10 @@ def gguf_tokenizer(path: Path):
         tokenizer, _ = convert_gguf_tokenizer(arch, tokenizer_dict)
     except Exception as exc:
         raise ModelError(f"cannot build a tokenizer from the vocabulary in {path}: {exc}") from None
+    size = len(tokenizer_dict.get("tokens") or [])
+    data = json.loads(tokenizer.to_str())
+    extra = [t for t in data.get("added_tokens") or [] if size and t["id"] >= size]
+    if extra:
+        data["added_tokens"] = [t for t in data["added_tokens"] if t not in extra]
+        tokenizer = Tokenizer.from_str(json.dumps(data))
     return tokenizer

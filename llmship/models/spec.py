@@ -50,8 +50,11 @@ class ModelSpec:
 def _rope_settings(cfg: dict) -> tuple[float, dict | None]:
     # transformers 5 writes `rope_parameters`; older checkpoints write rope_theta + rope_scaling.
     params = cfg.get("rope_parameters") or {}
-    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
     scaling = cfg.get("rope_scaling") or None
+    for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if value is not None and not isinstance(value, dict):
+            raise ModelError(f"config.json field {key} must be an object, not {type(value).__name__} ({value!r:.40})")
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
     if params and params.get("rope_type", "default") != "default":
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     if scaling is not None:
@@ -68,11 +71,46 @@ def _rope_settings(cfg: dict) -> tuple[float, dict | None]:
 def _as_ids(value) -> tuple[int, ...]:
     if value is None:
         return ()
-    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+        raise ModelError(f"config.json: token ids must be integers, got {value!r:.40}")
+    return tuple(values)
+
+
+# Bounds a config must respect before anything is allocated from it: a 1 KB config.json must not be able to
+# ask for a billion layers. Far beyond any model a phone runs (the largest on-device LLMs are a few billion
+# parameters), tight enough that a typo fails in milliseconds.
+LIMITS = {"vocab_size": 1 << 20, "hidden_size": 1 << 15, "intermediate_size": 1 << 17, "num_layers": 512,
+          "num_heads": 1024, "num_kv_heads": 1024, "head_dim": 1024}
+MAX_PARAMS = 20_000_000_000
+
+
+def _check_sizes(spec: "ModelSpec") -> None:
+    for name, limit in LIMITS.items():
+        value = getattr(spec, name)
+        if not 1 <= value <= limit:
+            raise ModelError(f"config.json: {name} {value} is out of range (1..{limit})")
+    if spec.num_params > MAX_PARAMS:
+        raise ModelError(f"config.json describes {spec.num_params:,} parameters, more than llmship handles ({MAX_PARAMS:,})")
+    for name, ids in (("bos_token_id", () if spec.bos_token_id is None else (spec.bos_token_id,)), ("eos_token_id", spec.eos_token_ids)):
+        bad = [i for i in ids if not 0 <= i < spec.vocab_size]
+        if bad:
+            raise ModelError(f"config.json: {name} {bad[0]} is outside the vocabulary (0..{spec.vocab_size - 1})")
+    if not (spec.rms_norm_eps > 0 and spec.rope_theta > 0):
+        raise ModelError("config.json: rms_norm_eps and rope_theta must be positive")
+
+
+def _integer(cfg: dict, key: str, default=None) -> int:
+    value = cfg.get(key, default) if default is not None else cfg[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ModelError(f"config.json field {key} must be an integer, not {value!r:.40}")
+    return int(value)
 
 
 def spec_from_config(cfg: dict) -> ModelSpec:
     """Validate a config.json dict and turn it into a ModelSpec; unsupported models raise ModelError."""
+    if not isinstance(cfg, dict):
+        raise ModelError(f"config.json must hold a JSON object, not a {type(cfg).__name__}")
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_ARCHITECTURES:
         archs = ", ".join(cfg.get("architectures") or []) or "unknown"
@@ -83,19 +121,21 @@ def spec_from_config(cfg: dict) -> ModelSpec:
     if act != "silu":
         raise ModelError(f"unsupported activation '{act}' for {model_type}; the canonical model implements SwiGLU (silu)")
     try:
-        heads = int(cfg["num_attention_heads"])
-        hidden = int(cfg["hidden_size"])
+        heads = _integer(cfg, "num_attention_heads")
+        hidden = _integer(cfg, "hidden_size")
+        if heads < 1 or hidden < 1:
+            raise ModelError(f"config.json: num_attention_heads ({heads}) and hidden_size ({hidden}) must be positive")
         theta, scaling = _rope_settings(cfg)
         attention_bias = bool(cfg.get("attention_bias", False))
         spec = ModelSpec(
             model_type=model_type,
-            vocab_size=int(cfg["vocab_size"]),
+            vocab_size=_integer(cfg, "vocab_size"),
             hidden_size=hidden,
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_layers=int(cfg["num_hidden_layers"]),
+            intermediate_size=_integer(cfg, "intermediate_size"),
+            num_layers=_integer(cfg, "num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            num_kv_heads=_integer(cfg, "num_key_value_heads") if cfg.get("num_key_value_heads") else heads,
+            head_dim=_integer(cfg, "head_dim") if cfg.get("head_dim") else hidden // heads,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
             rope_scaling=scaling,
@@ -107,11 +147,12 @@ def spec_from_config(cfg: dict) -> ModelSpec:
             qk_norm=model_type == "qwen3",
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             sliding_window=_sliding_window(cfg),
-            bos_token_id=cfg.get("bos_token_id"),
+            bos_token_id=None if cfg.get("bos_token_id") is None else _as_ids(cfg["bos_token_id"])[0],
             eos_token_ids=_as_ids(cfg.get("eos_token_id")),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise ModelError(f"config.json for {model_type} is missing or has a bad field: {exc}") from None
+    _check_sizes(spec)
     if spec.num_heads % spec.num_kv_heads:
         raise ModelError(f"num_attention_heads {spec.num_heads} is not a multiple of num_key_value_heads {spec.num_kv_heads}")
     return spec

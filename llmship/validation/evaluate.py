@@ -10,6 +10,10 @@ from llmship.errors import ConfigError
 from llmship.progress import bar
 
 
+# Fewer scored tokens than this and top-1 / KL are anecdotes, not measurements.
+MIN_TEXT_TOKENS = 16
+
+
 @dataclass(frozen=True)
 class EvalPlan:
     tokens: tuple[int, ...]  # teacher-forced sequence
@@ -71,8 +75,10 @@ def make_plan(reference, tokenizer, spec, target, evaluation, eval_text: str | N
         ids = tokenizer.encode(path.read_text(errors="replace")).ids
         if bos is not None and (not ids or ids[0] != bos):
             ids = [bos, *ids]
-        if len(ids) < 2:
-            raise ConfigError(f"evaluation text {text} has fewer than 2 tokens")
+        needed = min(n, MIN_TEXT_TOKENS)
+        if len(ids) < needed:
+            raise ConfigError(f"evaluation text {text} gives {len(ids)} tokens; at least {needed} are needed for the "
+                              "metrics to mean anything")
         tokens = ids[:n]
     else:
         tokens = sample_text(reference, bos, n, evaluation.seed, spec.vocab_size)
@@ -105,16 +111,24 @@ def parity_metrics(logits: np.ndarray, ref: np.ndarray, tokens: Sequence[int]) -
     idx = np.arange(len(targets))
     nll, nll_ref = -lq[idx, targets], -lp[idx, targets]
     finite = bool(np.isfinite(logits).all())
+    if not finite:
+        # NaN/Inf logits: no metric measures anything, and each must fail its gate. Errors are null (a gate on a
+        # value not measured fails); agreement and cosine take their worst values.
+        metrics = {"max_abs_err": None, "mean_abs_err": None, "cosine_min": -1.0, "top1_agreement": 0.0, "kl_mean": None,
+                   "kl_p99": None, "ppl_reference": float(np.exp(nll_ref.mean())), "ppl": None,
+                   "eval_tokens": int(len(tokens)), "finite": False}
+        return metrics, {"kl": [], "max_abs_err": []}
     metrics = {
-        "max_abs_err": float(diff.max()) if finite else float("inf"),
-        "mean_abs_err": float(diff.mean()) if finite else float("inf"),
+        "max_abs_err": float(diff.max()),
+        "mean_abs_err": float(diff.mean()),
         "cosine_min": float(np.nan_to_num(cos, nan=-1.0).min()),
         "top1_agreement": float((logits.argmax(-1) == ref.argmax(-1)).mean()),
-        "kl_mean": float(kl.mean()) if finite else float("inf"),
-        "kl_p99": float(np.percentile(kl, 99)) if finite else float("inf"),
+        "kl_mean": float(kl.mean()),
+        "kl_p99": float(np.percentile(kl, 99)),
         "ppl_reference": float(np.exp(nll_ref.mean())),
-        "ppl": float(np.exp(nll.mean())) if finite else float("inf"),
+        "ppl": float(np.exp(nll.mean())),
         "eval_tokens": int(len(tokens)),
+        "finite": True,
     }
     series = {"kl": [round(float(v), 8) for v in kl], "max_abs_err": [round(float(v), 6) for v in diff.max(-1)]}
     return metrics, series

@@ -81,15 +81,14 @@ def peak_rss_mb() -> float:
 
 def run_in_child(artifact_dir: Path, threads: int, decode_steps: int) -> dict:
     """Run `measure_latency` in a fresh interpreter; errors come back as the child's last stderr line."""
-    from llmship.errors import LlmshipError
+    from llmship.errors import error_for_exit_code
 
     cmd = [sys.executable, "-m", "llmship.validation.latency", str(artifact_dir), "--threads", str(threads),
            "--decode-steps", str(decode_steps)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        err = LlmshipError(f"latency measurement of {artifact_dir} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-        err.exit_code = proc.returncode if proc.returncode in (2, 3, 4, 5) else 4
-        raise err
+        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        raise error_for_exit_code(proc.returncode, f"latency measurement of {artifact_dir} failed: {last}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -36,19 +36,41 @@ def collect(paths: list[Path]) -> list[dict]:
     reports = []
     for f in found:
         try:
-            reports.append(json.loads(f.read_text()))
-        except ValueError as exc:
+            report = json.loads(f.read_text())
+        except (ValueError, UnicodeDecodeError, OSError) as exc:
             raise ConfigError(f"{f} is not valid JSON: {exc}") from None
+        reports.append(checked(report, f))
     return reports
 
 
+def checked(report, where) -> dict:
+    """A report that holds what rendering reads (the schema), or a ConfigError naming the first bad field."""
+    import jsonschema
+
+    try:
+        validate_schema(report)
+    except jsonschema.ValidationError as exc:
+        field = ".".join(str(p) for p in exc.absolute_path) or "(top level)"
+        raise ConfigError(f"{where} is not an llmship report: field {field}: {exc.message[:200]}") from None
+    return report
+
+
+RENDERED = ("report.md", "report.html", "junit.xml")
+
+
 def render_reports(paths: list[Path], out: Path | None = None) -> Path:
+    from llmship.manifest import write_text_atomic
+    from llmship.outputs import OutputError
+
     reports = collect(paths)
     out = out or (paths[0] if paths[0].is_dir() else paths[0].parent)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(markdown(reports))
-    (out / "report.html").write_text(html_page(reports))
-    (out / "junit.xml").write_text(junit(reports))
+    pages = {"report.md": markdown(reports), "report.html": html_page(reports), "junit.xml": junit(reports)}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in pages.items():
+            write_text_atomic(out / name, text)
+    except OSError as exc:
+        raise OutputError(f"cannot write reports into {out}: {exc.strerror or exc}") from None
     return out
 
 
@@ -59,29 +81,39 @@ def merge_reports(paths: list[Path], out: Path | None = None) -> int:
     jobs = [{"target": r["target"], "source": r["source"], "passed": r["passed"],
              "failed_gates": [g["name"] for g in r["gates"] if not g["passed"]]} for r in reports]
     verdict = {"passed": all(j["passed"] for j in jobs), "jobs": jobs}
-    (out / "verdict.json").write_text(json.dumps(verdict, indent=2) + "\n")
+    from llmship.manifest import write_text_atomic
+
+    write_text_atomic(out / "verdict.json", json.dumps(verdict, indent=2) + "\n")
     print(f"{'PASS' if verdict['passed'] else 'FAIL'}: {sum(j['passed'] for j in jobs)}/{len(jobs)} targets passed"
           + "".join(f"; {j['target']}: {', '.join(j['failed_gates'])}" for j in jobs if not j["passed"]))
     return 0 if verdict["passed"] else 1
 
 
 def _fmt(v, digits=4) -> str:
+    """A number for a table cell; anything that is not a number (a tampered report) comes back as its text,
+    which every renderer escapes."""
     if v is None:
         return "-"
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
     if isinstance(v, float) and (abs(v) >= 1e4 or (0 < abs(v) < 1e-3)):
         return f"{v:.{digits - 1}e}"
     return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+
+
+def _ratio(a, b) -> str:
+    return "-" if not isinstance(a, (int, float)) or not isinstance(b, (int, float)) or not b else f"{a / b:.4f}"
 
 
 def _rows(reports: list[dict]) -> list[list[str]]:
     rows = []
     for r in reports:
         p, lat, a = r["parity"], r["latency"], r["artifact"]
-        failed = [g["name"] for g in r["gates"] if not g["passed"]]
-        rows.append([r["target"], "PASS" if r["passed"] else "FAIL: " + ", ".join(failed), f"{a['bytes'] / 1e6:.2f}",
+        failed = [str(g["name"]) for g in r["gates"] if not g["passed"]]
+        rows.append([str(r["target"]), "PASS" if r["passed"] else "FAIL: " + ", ".join(failed), f"{a['bytes'] / 1e6:.2f}",
                      f"{a['bytes_per_param']:.3f}", f"{p['top1_agreement']:.4f}", _fmt(p["kl_mean"]), _fmt(p["kl_p99"]),
-                     f"{p['ppl'] / p['ppl_reference']:.4f}", f"{p['greedy_match']}/{p['greedy_total']}", _fmt(p["max_abs_err"]),
-                     f"{lat['decode_tok_s']:.1f}", f"{lat['ttft_ms']:.1f}", f"{r['memory']['peak_rss_mb']:.0f}", r["executor"]])
+                     _ratio(p["ppl"], p["ppl_reference"]), f"{p['greedy_match']}/{p['greedy_total']}", _fmt(p["max_abs_err"]),
+                     f"{lat['decode_tok_s']:.1f}", f"{lat['ttft_ms']:.1f}", f"{r['memory']['peak_rss_mb']:.0f}", str(r["executor"])])
     return rows
 
 
@@ -127,7 +159,7 @@ def _log(v: float) -> float:
 def plot_size_vs_kl(reports: list[dict]) -> str:
     w, h, m = 520, 320, 56
     xs = [r["artifact"]["bytes"] / 1e6 for r in reports]
-    ys = [_log(r["parity"]["kl_mean"]) for r in reports]
+    ys = [_log(r["parity"]["kl_mean"] if r["parity"]["kl_mean"] is not None else 1e3) for r in reports]
     x0, x1 = 0, max(xs) * 1.1 or 1
     y0, y1 = min(ys) - 0.5, max(ys) + 0.5
     body = _axes(w, h, m, "artifact size (MB)", "KL mean (log10)")
@@ -181,12 +213,12 @@ def html_page(reports: list[dict]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in HEADER)
     rows = "".join("<tr>" + "".join(f'<td class="{"fail" if c.startswith("FAIL") else ""}">{html.escape(c)}</td>' for c in row) + "</tr>"
                    for row in _rows(reports))
-    notes = "".join(f"<p class=\"note\"><b>{html.escape(r['target'])}</b>: {html.escape(r['executor_note'])}</p>"
+    notes = "".join(f"<p class=\"note\"><b>{html.escape(str(r['target']))}</b>: {html.escape(str(r['executor_note']))}</p>"
                     for r in reports if r.get("executor_note"))
     gates = "".join(
         f"<h3>{html.escape(r['target'])}</h3><ul>" + "".join(
-            f'<li class="{"pass" if g["passed"] else "fail"}">{html.escape(g["name"])}: {_fmt(g["value"])} '
-            f'(limit {_fmt(g["limit"])}) {"passed" if g["passed"] else "FAILED"}</li>' for g in r["gates"]) + "</ul>"
+            f'<li class="{"pass" if g["passed"] else "fail"}">{html.escape(str(g["name"]))}: {html.escape(_fmt(g["value"]))} '
+            f'(limit {html.escape(_fmt(g["limit"]))}) {"passed" if g["passed"] else "FAILED"}</li>' for g in r["gates"]) + "</ul>"
         for r in reports)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>llmship validation report</title>
@@ -199,7 +231,7 @@ th {{ background: #f3f3f3; }} td.fail, li.fail {{ color: #b00020; font-weight: b
 </style></head><body>
 <h1>llmship validation report</h1>
 <p class="verdict" id="verdict">{"PASS" if ok else "FAIL"}: {sum(r["passed"] for r in reports)}/{len(reports)} targets passed</p>
-<p>Source: {html.escape(reports[0]["source"])}</p>
+<p>Source: {html.escape(str(reports[0]["source"]))}</p>
 <table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>
 {notes}
 <h2>Plots</h2><div class="plots">{plot_size_vs_kl(reports)}{plot_decode_speed(reports)}{plot_error_along_sequence(reports)}</div>

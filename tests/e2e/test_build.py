@@ -29,9 +29,11 @@ def test_build_writes_artifacts_reports_and_resolved_config(tmp_path):
 
 
 def test_eval_text_file_is_used_verbatim(tmp_path, stories_dir):
-    from llmship.config import BuildConfig, resolve_target
+    from llmship.config import BuildConfig
+    from llmship.targets import resolve_target
     from llmship.models import load_model
-    from llmship.pipeline import export_artifact, validate_artifact
+    from llmship.pipeline import export_artifact
+    from llmship.validation.stage import validate_artifact
 
     text = (stories_dir.parents[1] / "data" / "tinystories_val.txt").read_text()[:2000]
     (tmp_path / "eval.txt").write_text(text)

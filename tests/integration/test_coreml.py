@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from llmship.config import TargetProfile
 from llmship.errors import ConfigError
@@ -86,8 +85,9 @@ def test_manifest_describes_functions_inputs_and_state(tiny, tiny_fp16):
     cache = [1, spec.num_kv_heads, 96, spec.head_dim]
     prefill, decode = manifest["entry_points"]["prefill"], manifest["entry_points"]["decode"]
     assert (prefill["function"], decode["function"]) == ("prefill", "decode")
-    assert prefill["inputs"] == [{"name": "tokens", "dtype": "int32", "shape": [1, "T"]}, {"name": "input_pos", "dtype": "int32", "shape": [1]}]
-    assert decode["outputs"] == [{"name": "logits", "dtype": "float16", "shape": [1, 1, spec.vocab_size]}]
+    assert prefill["inputs"] == [{"name": "tokens", "dtype": "int32", "shape": [1, "T"], "role": "tokens"},
+                                 {"name": "input_pos", "dtype": "int32", "shape": [1], "role": "positions"}]
+    assert decode["outputs"] == [{"name": "logits", "dtype": "float16", "shape": [1, 1, spec.vocab_size], "role": "logits"}]
     assert [s["name"] for s in decode["states"]] == [f"{kv}_cache_{i}" for i in range(spec.num_layers) for kv in "kv"]
     assert all(s["shape"] == cache and s["dtype"] == "float16" for s in decode["states"])
     assert manifest["kv_cache"]["held_as"] == "state" and manifest["kv_cache"]["dtype"] == "float16"
@@ -207,7 +207,7 @@ def test_pal4_is_coremltools_kmeans_with_each_group_clustered_once(tiny):
 
     profile = target("coreml-pal4", max_context=32, prefill_lengths=(8,))
     coreml.register_index_copy()
-    programs = export_stateful(build_decoder(tiny, 32, torch.float16), 8)
+    programs = export_stateful(build_decoder(tiny, 32, "fp16"), 8)
     mlmodel = coreml.convert_function(programs["decode"], 1, 8, profile.recipe, tiny.spec)
     keep = coreml.fp16_consts(mlmodel, profile.recipe, tiny.spec)
     stock = cto.palettize_weights(mlmodel, cto.OptimizationConfig(

@@ -138,14 +138,17 @@ def test_runner_rejects_positions_outside_the_cache(tiny_fp32):
 
 def test_recipes_xnnpack_cannot_keep_are_rejected(tiny):
     from llmship.config import Recipe
-    from llmship.exporters.executorch import quant_plan
+    from llmship.exporters.executorch import check, quant_plan
+    from llmship.targets import get_profile
 
+    base = get_profile("executorch-fp32")
     for recipe in (Recipe(weights="int8"),  # weight-only: XNNPACK would dequantize it to fp32 at export
                    Recipe(weights="fp16"), Recipe(weights="pal4", group_size=16), Recipe(compute="fp16"),
                    Recipe(weights="int8", activations="int8", group_size=32),
-                   Recipe(weights="int4", activations="int8", group_size=16)):  # XNNPACK groups are multiples of 32
+                   Recipe(weights="int4", activations="int8", group_size=16),  # XNNPACK groups are multiples of 32
+                   Recipe(weights="int4", activations="int8", symmetric=False)):  # no zero points on XNNPACK
         with pytest.raises(ConfigError):
-            quant_plan(recipe, tiny.spec)
+            check(base.model_copy(update={"recipe": recipe}), tiny.spec)
     plan = quant_plan(Recipe(weights="int4", activations="int8", group_size=64, embedding="int8"), tiny.spec)
     assert (plan.linears.bits, plan.linears.group) == (4, 64)
     assert plan.embedding == plan.lm_head and plan.embedding.bits == 8  # tied head follows the embedding
@@ -163,7 +166,7 @@ SIZE_CONFIG = {
 @pytest.fixture(scope="module")
 def size_model():
     from llmship.models.builtin import byte_tokenizer, random_weights
-    from llmship.models.sources import LoadedModel
+    from llmship.models.loaded import LoadedModel
     from llmship.models.spec import spec_from_config
 
     spec = spec_from_config(SIZE_CONFIG)

@@ -95,15 +95,17 @@ def test_plan_chunks_pads_into_the_smallest_signature_and_never_writes_past_the_
 
 def test_recipes_the_format_cannot_express_are_config_errors():
     from llmship.config import Recipe
-    from llmship.exporters.tflite import check_recipe
+    from llmship.exporters.tflite import check
 
+    base = get_profile("litert-fp32")
     for bad in [dict(weights="pal4"), dict(weights="int4", activations="int8", group_size=48),
                 dict(weights="int4"), dict(weights="int8", activations="int8", group_size=32),
-                dict(weights="fp16", compute="fp16"), dict(weights="int4", activations="int8", embedding="int8")]:
+                dict(weights="fp16", compute="fp16"), dict(weights="int4", activations="int8", embedding="int8"),
+                dict(weights="int8", activations="int8", symmetric=False)]:
         with pytest.raises(ConfigError):
-            check_recipe(Recipe(**bad))
+            check(base.model_copy(update={"recipe": Recipe(**bad)}))
     for name in ("litert-fp32", "litert-fp16", "litert-int8", "litert-int4"):
-        check_recipe(get_profile(name).recipe)
+        check(get_profile(name))
 
 
 def test_int4_layers_whose_width_is_not_a_whole_number_of_blocks_fall_back_to_int8(tiny):
@@ -124,7 +126,10 @@ def test_litert_attention_computes_the_canonical_function(family):
     from llmship.exporters.tflite import litert_decoder
 
     loaded = loaded_from_hf(hf_model(family))
-    canonical, ours = build_decoder(loaded, 32), litert_decoder(loaded, 32, torch.float32)
+    canonical = build_decoder(loaded, 32)
+    ours = litert_decoder(canonical)
+    assert ours is not canonical and all(not isinstance(layer.self_attn, type(ours.model.layers[0].self_attn))
+                                         for layer in canonical.model.layers)  # the handed model is left as it was
     ids = torch.tensor([prompt(loaded, 12)])
     with torch.no_grad():
         caches = cache_inputs(canonical)
@@ -284,7 +289,7 @@ def test_litertlm_bundle_generates_the_reference_greedy_text(stories, stories_fp
     """LiteRT-LM's own engine runs the bundle: greedy text from the prompt is the FP32 reference's."""
     import litert_lm
 
-    from llmship.exporters.litertlm import bundle
+    from llmship.packaging.litertlm import bundle
 
     path, _ = stories_fp32
     out = bundle(path, tmp_path / "stories.litertlm")
@@ -305,7 +310,7 @@ def test_litertlm_bundle_refuses_other_formats_and_modified_files(tiny, tiny_fp3
     import shutil
 
     from llmship.errors import ModelError
-    from llmship.exporters.litertlm import bundle
+    from llmship.packaging.litertlm import bundle
 
     with pytest.raises(ConfigError, match="tflite artifact"):
         bundle(build(tiny, small_target("pytorch-fp32"), tmp_path / "pt")[0])

@@ -10,7 +10,8 @@ from llmship.config import BuildConfig, Evaluation
 from llmship.errors import ConfigError
 from llmship.manifest import read_manifest
 from llmship.models import build_decoder, load_model
-from llmship.pipeline import export_artifact, validate_artifact
+from llmship.pipeline import export_artifact
+from llmship.validation.stage import validate_artifact
 from llmship.targets import get_profile
 from llmship.validation.evaluate import greedy
 from llmship.validation.runners.onnx import OnnxRunner
@@ -308,7 +309,7 @@ def test_float_zero_points_split_into_integer_kernel_and_correction():
     ({"weights": "fp16"}, "recipe.weights fp16"),
     ({"weights": "int8", "activations": "fp32", "group_size": None}, "set recipe.activations: int8"),
     ({"weights": "int8", "embedding": "int4"}, "recipe.embedding int4"),
-    ({"weights": "int4", "group_size": 48}, "power of two"),
+    ({"weights": "int4", "group_size": 48}, "MatMulNBits"),
 ])
 def test_recipes_onnx_cannot_do_are_config_errors(tiny, tmp_path, recipe, message):
     target = profile("onnx-int8", **recipe)
@@ -325,3 +326,34 @@ def test_smollm2_fp32_matches_reference(smollm2, tmp_path):
     loaded = load_model(smollm2)
     artifact = export_artifact(loaded, profile("onnx-fp32"), tmp_path / "fp32")
     assert_fp32_parity(loaded, artifact)
+
+
+def test_runner_calls_the_graph_by_the_names_its_manifest_gives(tiny, artifacts, tmp_path):
+    """Rename the graph's token input and logits output (and say so in the manifest): the runner follows the
+    manifest, so the renamed artifact computes the same logits."""
+    import json
+    import shutil
+
+    import onnx
+
+    from llmship.manifest import describe_files
+
+    source = artifacts(tiny, "onnx-fp32")
+    renamed = Path(shutil.copytree(source, tmp_path / "renamed"))
+    model = onnx.load(str(renamed / "model.onnx"))
+    for node in model.graph.node:
+        node.input[:] = ["ids" if n == "input_ids" else n for n in node.input]
+        node.output[:] = ["scores" if n == "logits" else n for n in node.output]
+    next(i for i in model.graph.input if i.name == "input_ids").name = "ids"
+    next(o for o in model.graph.output if o.name == "logits").name = "scores"
+    onnx.save(model, str(renamed / "model.onnx"))
+    manifest = json.loads((renamed / "manifest.json").read_text())
+    for entry in manifest["entry_points"].values():
+        for t in entry["inputs"] + entry["outputs"]:
+            t["name"] = {"input_ids": "ids", "logits": "scores"}.get(t["name"], t["name"])
+    manifest["files"] = describe_files(renamed)
+    (renamed / "manifest.json").write_text(json.dumps(manifest))
+    ids = [1, 17, 40, 99, 3]
+    a = OnnxRunner(source, read_manifest(source), threads=1).prefill(ids, 0)
+    b = OnnxRunner(renamed, read_manifest(renamed), threads=1).prefill(ids, 0)
+    assert np.array_equal(a, b)

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from llmship import cli
-from llmship.config import BuildConfig, resolve_target
+from llmship.config import BuildConfig
+from llmship.targets import resolve_target
 from llmship.models import load_model
 from llmship.pipeline import export_artifact
 from llmship.validation.report import validate_schema
@@ -121,10 +122,10 @@ class OffByOneCacheRunner:
 def test_kv_cache_written_one_position_off_fails_the_parity_gate(good_artifact, monkeypatch, capsys, tmp_path):
     import shutil
 
-    from llmship.validation import runners
+    from llmship.formats import FORMATS
 
     artifact = shutil.copytree(good_artifact, tmp_path / "art")
-    monkeypatch.setitem(runners.RUNNERS, "pytorch", f"{__name__}:OffByOneCacheRunner")
+    monkeypatch.setitem(FORMATS, "pytorch", dataclasses.replace(FORMATS["pytorch"], runner=f"{__name__}:OffByOneCacheRunner"))
     code = cli.main(["validate", str(artifact), *FAST, *REALISTIC])
     err = capsys.readouterr().err
     assert code == 1 and "kl_mean_max" in err
@@ -165,7 +166,7 @@ def test_a_file_changed_during_validation_fails_integrity(stories, good_artifact
     import shutil
 
     from llmship.config import BuildConfig
-    from llmship.pipeline import validate_artifact
+    from llmship.validation.stage import validate_artifact
     from llmship.validation import runners
 
     copy = shutil.copytree(good_artifact, tmp_path / "copy")

@@ -2,7 +2,8 @@
 import pytest
 import yaml
 
-from llmship.config import BuildConfig, load_config, parse_set, resolve_target, write_resolved
+from llmship.config import BuildConfig, load_config, parse_set, write_resolved
+from llmship.targets import resolve_target
 from llmship.errors import ConfigError
 from llmship.targets import all_profiles, get_profile
 

@@ -3,24 +3,29 @@ import json
 
 import pytest
 
-from llmship.config import BuildConfig, resolve_target
+from llmship.config import BuildConfig
+from llmship.targets import resolve_target
 from llmship.errors import ConfigError, ExportError
-from llmship.manifest import atomic_directory, read_manifest, sha256_file
+from llmship.manifest import read_manifest, sha256_file
+from llmship.outputs import atomic_directory
 from llmship.models import load_model
 from llmship.pipeline import export_artifact
 
 
 def test_atomic_directory_replaces_only_on_success(tmp_path):
+    from llmship.manifest import write_manifest
+
     final = tmp_path / "art"
     with atomic_directory(final) as tmp:
         (tmp / "a.txt").write_text("one")
+        write_manifest(tmp, {"target": "t"})
     assert (final / "a.txt").read_text() == "one"
     with pytest.raises(RuntimeError):
         with atomic_directory(final) as tmp:
             (tmp / "a.txt").write_text("two")
             raise RuntimeError("converter crashed")
     assert (final / "a.txt").read_text() == "one"  # previous artifact intact
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no partial directory left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no partial directory or lock left behind
 
 
 def test_unwritable_output_directory_is_a_clear_error(tmp_path):

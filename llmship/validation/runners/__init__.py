@@ -1,4 +1,5 @@
-"""Runners: one per runtime, each opening an artifact directory from its manifest.
+"""Runners: one per runtime, each opening an artifact directory from its manifest (the format registry,
+llmship/formats.py, names each format's runner).
 
 Protocol (what every runner implements; the evaluation only talks to this):
     executor: str                                     e.g. "onnxruntime 1.31.1 CPUExecutionProvider"
@@ -7,24 +8,18 @@ Protocol (what every runner implements; the evaluation only talks to this):
     reset() -> None                                   forget the KV cache
     close() -> None
 `prefill` takes 1 <= T <= max(prefill_lengths) tokens; a runner whose format has fixed lengths pads.
+Runners open only files the manifest lists (`llmship.manifest.artifact_file`) and call each entry point by the
+input and output names its manifest entry gives (`EntryIO`).
 """
 from __future__ import annotations
 
-import importlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
 
-from llmship.errors import ConfigError, RuntimeMissing
-
-RUNNERS = {
-    "pytorch": "llmship.validation.runners.reference:ReferenceRunner",
-    "onnxruntime": "llmship.validation.runners.onnx:OnnxRunner",
-    "litert": "llmship.validation.runners.litert:LiteRTRunner",
-    "coreml": "llmship.validation.runners.coreml:open_coreml_runner",
-    "executorch": "llmship.validation.runners.executorch:ExecuTorchRunner",
-}
+from llmship.errors import ConfigError, ManifestError
 
 
 class Runner(Protocol):
@@ -39,12 +34,38 @@ class Runner(Protocol):
     def close(self) -> None: ...
 
 
-def require(module: str, runtime: str, install: str):
-    """Import a runtime's Python package or raise RuntimeMissing (exit 5) saying how to get it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise RuntimeMissing(f"{runtime} is not installed ({exc}); install it with: {install}") from None
+@dataclass(frozen=True)
+class EntryIO:
+    """An entry point's tensor names by role, read from its manifest entry."""
+
+    tokens: str
+    positions: str
+    logits: str
+    cache_inputs: tuple[str, ...]
+    cache_outputs: tuple[str, ...]
+    cache_specs: tuple[dict, ...]  # the cache inputs' tensor specs (name, dtype, shape)
+
+    @classmethod
+    def of(cls, manifest: dict, entry: str) -> "EntryIO":
+        ep = manifest["entry_points"].get(entry)
+        if not isinstance(ep, dict):
+            raise ManifestError(f"manifest: field entry_points.{entry} is missing")
+
+        def by_role(kind: str, role: str) -> list[dict]:
+            tensors = ep.get(kind, [])
+            if not isinstance(tensors, list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in tensors):
+                raise ManifestError(f"manifest: field entry_points.{entry}.{kind} must be a list of named tensors")
+            return [t for t in tensors if t.get("role") == role]
+
+        def one(kind: str, role: str) -> str:
+            found = by_role(kind, role)
+            if len(found) != 1:
+                raise ManifestError(f"manifest: entry_points.{entry}.{kind} needs exactly one tensor with role '{role}'")
+            return found[0]["name"]
+
+        caches_in = by_role("inputs", "cache")
+        return cls(one("inputs", "tokens"), one("inputs", "positions"), one("outputs", "logits"),
+                   tuple(t["name"] for t in caches_in), tuple(t["name"] for t in by_role("outputs", "cache")), tuple(caches_in))
 
 
 def check_positions(t: int, input_pos: int, max_context: int) -> None:
@@ -56,9 +77,10 @@ def check_positions(t: int, input_pos: int, max_context: int) -> None:
 
 
 def open_runner(artifact_dir: str | Path, manifest: dict, threads: int | None = None) -> Runner:
-    runtime = manifest.get("runtime")
-    if runtime not in RUNNERS:
-        raise ConfigError(f"{artifact_dir}: unknown runtime '{runtime}' in manifest; known: {', '.join(RUNNERS)}")
-    module, _, name = RUNNERS[runtime].partition(":")
-    factory = getattr(importlib.import_module(module), name)
-    return factory(Path(artifact_dir), manifest, threads or manifest.get("threads", 2))
+    from llmship.formats import format_of_runtime, runner_factory
+
+    entry = format_of_runtime(manifest["runtime"])
+    if entry.name != manifest["format"]:
+        raise ManifestError(f"{artifact_dir}: manifest says format {manifest['format']} but runtime {manifest['runtime']} "
+                            f"runs format {entry.name}")
+    return runner_factory(entry.name)(Path(artifact_dir), manifest, threads or manifest.get("threads", 2))

@@ -12,7 +12,9 @@ from typing import Sequence
 
 import numpy as np
 
-from llmship.validation.runners import check_positions, require
+from llmship.errors import require
+from llmship.manifest import artifact_file
+from llmship.validation.runners import EntryIO, check_positions
 
 REFERENCE_NOTE = ("Apple's Core ML runtime was not run (it exists only on Apple platforms): the reference executor "
                   "proves the serialized ML program computes the right function; it does not prove what Apple's "
@@ -29,7 +31,10 @@ class _CoreMLBase:
     """Chunking and range checks shared by both runners; subclasses implement `_call`."""
 
     def __init__(self, artifact_dir: Path, manifest: dict):
-        self.package = Path(artifact_dir) / manifest["entry_points"]["decode"]["file"]
+        entries = manifest["entry_points"]
+        self.package = artifact_file(artifact_dir, manifest, entries["decode"]["file"])
+        self.functions = {name: entries[name].get("function", name) for name in ("prefill", "decode")}
+        self.io = {name: EntryIO.of(manifest, name) for name in ("prefill", "decode")}
         self.max_context = int(manifest["max_context"])
         self.max_prefill = int(max(manifest["prefill_lengths"]))
 
@@ -47,9 +52,9 @@ class _CoreMLBase:
         check_positions(1, input_pos, self.max_context)
         return self._call("decode", [int(token)], input_pos)[0]
 
-    @staticmethod
-    def _inputs(tokens: list[int], input_pos: int) -> dict[str, np.ndarray]:
-        return {"tokens": np.array([tokens], dtype=np.int32), "input_pos": np.array([input_pos], dtype=np.int32)}
+    def _inputs(self, entry: str, tokens: list[int], input_pos: int) -> dict[str, np.ndarray]:
+        io = self.io[entry]
+        return {io.tokens: np.array([tokens], dtype=np.int32), io.positions: np.array([input_pos], dtype=np.int32)}
 
     def close(self) -> None:
         pass
@@ -73,9 +78,9 @@ class MilReferenceRunner(_CoreMLBase):
         self.executor_note = REFERENCE_NOTE
         self.state = self.executor_impl.make_state()
 
-    def _call(self, function: str, tokens: list[int], input_pos: int) -> np.ndarray:
-        out = self.executor_impl.predict(function, self._inputs(tokens, input_pos), self.state)
-        return out["logits"][0].astype(np.float32)
+    def _call(self, entry: str, tokens: list[int], input_pos: int) -> np.ndarray:
+        out = self.executor_impl.predict(self.functions[entry], self._inputs(entry, tokens, input_pos), self.state)
+        return out[self.io[entry].logits][0].astype(np.float32)
 
     def reset(self) -> None:
         self.state = self.executor_impl.make_state()
@@ -88,15 +93,15 @@ class CoreMLRunner(_CoreMLBase):
         ct = require("coremltools", "coremltools", "pip install coremltools==9.0")
         super().__init__(artifact_dir, manifest)
         # Core ML picks its own threads and compute units; ALL is what an app gets by default.
-        self.models = {name: ct.models.MLModel(str(self.package), function_name=name, compute_units=ct.ComputeUnit.ALL)
-                       for name in ("prefill", "decode")}
+        self.models = {name: ct.models.MLModel(str(self.package), function_name=fn, compute_units=ct.ComputeUnit.ALL)
+                       for name, fn in self.functions.items()}
         self.executor = f"Core ML (coremltools {ct.__version__} MLModel, compute units ALL) on {sys.platform}"
         self.executor_note = "Apple's Core ML runtime ran the artifact; threads are chosen by Core ML, not by --threads."
         self.state = self.models["decode"].make_state()
 
-    def _call(self, function: str, tokens: list[int], input_pos: int) -> np.ndarray:
-        out = self.models[function].predict(self._inputs(tokens, input_pos), state=self.state)
-        return np.asarray(out["logits"])[0].astype(np.float32)
+    def _call(self, entry: str, tokens: list[int], input_pos: int) -> np.ndarray:
+        out = self.models[entry].predict(self._inputs(entry, tokens, input_pos), state=self.state)
+        return np.asarray(out[self.io[entry].logits])[0].astype(np.float32)
 
     def reset(self) -> None:
         self.state = self.models["decode"].make_state()

@@ -7,8 +7,9 @@ from typing import Sequence
 
 import numpy as np
 
-from llmship.errors import ConfigError
-from llmship.validation.runners import check_positions, require
+from llmship.errors import ConfigError, require
+from llmship.manifest import artifact_file
+from llmship.validation.runners import EntryIO, check_positions
 
 INSTALL = "pip install executorch==1.5.1"
 
@@ -30,7 +31,13 @@ class ExecuTorchRunner:
         entry = manifest["entry_points"]
         self.max_prefill = max(manifest["prefill_lengths"])
         self.max_context = manifest["max_context"]
-        self._program = runtime.Runtime.get().load_program(Path(artifact_dir) / entry["prefill"]["file"])
+        # Inputs are positional in ExecuTorch: the manifest's order (tokens, positions) is the method's order.
+        for name in ("prefill", "decode"):
+            names = [t.get("role") for t in entry[name]["inputs"]]
+            if names != ["tokens", "positions"]:
+                raise ConfigError(f"{artifact_dir}: entry point {name} takes inputs {names}; this runner feeds (tokens, positions)")
+            EntryIO.of(manifest, name)
+        self._program = runtime.Runtime.get().load_program(artifact_file(artifact_dir, manifest, entry["prefill"]["file"]))
         # Both methods come from one Program, so they share its planned memory and with it the KV cache.
         self._prefill = self._program.load_method(entry["prefill"]["method"])
         self._decode = self._program.load_method(entry["decode"]["method"])

@@ -14,8 +14,9 @@ from typing import Sequence
 
 import numpy as np
 
-from llmship.errors import ConfigError
-from llmship.validation.runners import check_positions, require
+from llmship.errors import ConfigError, require
+from llmship.manifest import artifact_file
+from llmship.validation.runners import EntryIO, check_positions
 
 PAD_TOKEN = 0  # any valid id: padded rows are never attended before being overwritten
 
@@ -41,7 +42,7 @@ class LiteRTRunner:
         from importlib.metadata import version
 
         entries = manifest["entry_points"]
-        self.path = Path(artifact_dir) / entries["decode"]["file"]
+        self.path = artifact_file(artifact_dir, manifest, entries["decode"]["file"])
         self.max_context = int(manifest["max_context"])
         self.lengths = sorted(int(t) for t in manifest["prefill_lengths"])
         self.interpreter = interpreter_mod.Interpreter(model_path=str(self.path), num_threads=threads)
@@ -54,7 +55,8 @@ class LiteRTRunner:
         if not wanted <= available:
             raise ConfigError(f"{self.path} lacks signatures {sorted(wanted - available)} named in its manifest")
         self.signatures = {name: self.interpreter.get_signature_runner(name) for name in wanted}
-        self.cache_specs = {t["name"]: t for t in entries["decode"]["inputs"] if t["name"] not in ("tokens", "input_pos")}
+        self.io = {name: EntryIO.of(manifest, name) for name in wanted}
+        self.cache_specs = {t["name"]: t for t in self.io["decode"].cache_specs}
         self.reset()
         self.executor = (f"ai-edge-litert {version('ai-edge-litert')} CPU, {threads} threads, "
                          + (f"XNNPACK delegate ({delegated} partitions in the first signature)" if delegated else "builtin kernels (no delegate)"))
@@ -67,8 +69,9 @@ class LiteRTRunner:
         padded = np.full((1, length), PAD_TOKEN, dtype=np.int32)
         padded[0, :len(tokens)] = tokens
         positions = np.arange(input_pos, input_pos + length, dtype=np.int32)
-        out = self.signatures[name](tokens=padded, input_pos=positions, **self.cache)
-        logits = out.pop("logits")
+        io = self.io[name]
+        out = self.signatures[name](**{io.tokens: padded, io.positions: positions}, **self.cache)
+        logits = out.pop(io.logits)
         self.cache = out
         return logits[0, :len(tokens)].astype(np.float32, copy=False)
 

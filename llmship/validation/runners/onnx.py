@@ -12,31 +12,30 @@ from typing import Sequence
 
 import numpy as np
 
-from llmship.validation.runners import check_positions, require
+from llmship.errors import require
+from llmship.manifest import artifact_file
+from llmship.validation.runners import EntryIO, check_positions
 
 
 class OnnxRunner:
     def __init__(self, artifact_dir: Path, manifest: dict, threads: int = 2):
         ort = require("onnxruntime", "ONNX Runtime", "pip install onnxruntime==1.31.1")
-        entry = manifest["entry_points"]["prefill"]
+        self.io = io = EntryIO.of(manifest, "prefill")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(Path(artifact_dir) / entry["file"]), options, providers=["CPUExecutionProvider"])
+        model = artifact_file(artifact_dir, manifest, manifest["entry_points"]["prefill"]["file"])
+        self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
         self.executor = f"onnxruntime {ort.__version__} CPUExecutionProvider"
         self.max_context = int(manifest["max_context"])
-        cache = manifest["kv_cache"]
-        shape = tuple(cache["shape"])
-        past_names, present_names = cache["inputs"], cache["outputs"]
         self.caches = []  # (past name, present name, numpy buffer, OrtValue over that buffer)
-        for layer in range(cache["num_layers"]):
-            for past, present in zip(past_names, present_names):
-                buffer = np.zeros(shape, dtype=np.float32)
-                self.caches.append((past % layer, present % layer, buffer, ort.OrtValue.ortvalue_from_numpy(buffer)))
+        for past, present, spec in zip(io.cache_inputs, io.cache_outputs, io.cache_specs):
+            buffer = np.zeros(spec["shape"], dtype=np.dtype(spec["dtype"]))
+            self.caches.append((past, present, buffer, ort.OrtValue.ortvalue_from_numpy(buffer)))
         self.binding = self.session.io_binding()
-        self.binding.bind_output("logits", "cpu")  # first, so it stays output 0
+        self.binding.bind_output(io.logits, "cpu")  # first, so it stays output 0
         for past, present, _, value in self.caches:
             self.binding.bind_ortvalue_input(past, value)
             self.binding.bind_ortvalue_output(present, value)
@@ -44,9 +43,9 @@ class OnnxRunner:
     def prefill(self, tokens: Sequence[int], input_pos: int) -> np.ndarray:
         t = len(tokens)
         check_positions(t, input_pos, self.max_context)
-        self.binding.bind_cpu_input("input_ids", np.asarray([tokens], dtype=np.int64))
-        self.binding.bind_cpu_input("position_ids", np.arange(input_pos, input_pos + t, dtype=np.int64)[None])
-        self.binding.bind_output("logits", "cpu")  # unallocated again: T varies between calls
+        self.binding.bind_cpu_input(self.io.tokens, np.asarray([tokens], dtype=np.int64))
+        self.binding.bind_cpu_input(self.io.positions, np.arange(input_pos, input_pos + t, dtype=np.int64)[None])
+        self.binding.bind_output(self.io.logits, "cpu")  # unallocated again: T varies between calls
         self.session.run_with_iobinding(self.binding)
         return self.binding.get_outputs()[0].numpy()[0]
 

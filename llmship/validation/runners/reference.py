@@ -51,13 +51,16 @@ class _threads:
 
 def load_pytorch_artifact(artifact_dir: Path, manifest: dict) -> MobileDecoder:
     """A `pytorch` artifact: the canonical model's weights as safetensors plus the config it came from."""
+    from llmship.manifest import artifact_file
     from llmship.models import build_decoder
-    from llmship.models.sources import LoadedModel, check_weights, read_safetensors, read_tokenizer
+    from llmship.models.hf_dir import read_safetensors
+    from llmship.models.loaded import LoadedModel
     from llmship.models.spec import spec_from_config
+    from llmship.models.weights import check_weights
 
     config = manifest["model"]["config"]
     spec = spec_from_config(config)
-    weights = read_safetensors([artifact_dir / manifest["entry_points"]["prefill"]["file"]])
+    weights = read_safetensors([artifact_file(artifact_dir, manifest, manifest["entry_points"]["prefill"]["file"])])
     check_weights(spec, weights, str(artifact_dir))
-    loaded = LoadedModel(str(artifact_dir), config, spec, weights, read_tokenizer(artifact_dir))
+    loaded = LoadedModel(str(artifact_dir), config, spec, weights, None)
     return build_decoder(loaded, manifest["max_context"])

@@ -1,0 +1,130 @@
+"""The validate stage: run an artifact on its own runtime against the FP32 reference, measure it, assemble
+report.json and judge it with the gates.
+
+Order matters for the user: everything that can refuse the run (manifest, overrides, baseline, the runtime
+being installed, the reference model matching) is checked before the minutes of evaluation start.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llmship.errors import ConfigError
+from llmship.manifest import REPORT, check_integrity, read_manifest, write_text_atomic
+from llmship.progress import say, stage
+
+REPORT_VERSION = 1
+# What a baseline report must hold for the regression gates to mean anything.
+BASELINE_FIELDS = ("artifact.bytes", "latency.decode_tok_s", "parity.kl_mean")
+
+
+def load_baseline(path: str | Path | None, target: str) -> dict | None:
+    from llmship.validation.gates import lookup
+
+    if path is None:
+        return None
+    path = Path(path)
+    for candidate in (path, path / REPORT, path / target / REPORT):
+        if candidate.is_file():
+            try:
+                baseline = json.loads(candidate.read_text())
+            except (ValueError, UnicodeDecodeError, OSError) as exc:
+                raise ConfigError(f"baseline {candidate} is not valid JSON: {exc}") from None
+            missing = [f for f in BASELINE_FIELDS if not isinstance(lookup(baseline, f), (int, float))
+                       or isinstance(lookup(baseline, f), bool)]
+            if missing:
+                raise ConfigError(f"baseline {candidate} has no number at {missing[0]}; the regression gates need "
+                                  f"{', '.join(BASELINE_FIELDS)} (pass a report.json llmship wrote)")
+            return baseline
+    raise ConfigError(f"baseline {path} holds no {REPORT} for {target}")
+
+
+def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval_text: str | None = None,
+                      baseline: str | Path | None = None, loaded=None) -> dict:
+    """Run the artifact on its runtime against the FP32 reference; write report.json; return it."""
+    from llmship.models import build_decoder, load_model
+    from llmship.targets import target_from_manifest
+    from llmship.validation import evaluate as ev
+    from llmship.validation.gates import check_gates, failure_message
+    from llmship.validation.latency import run_in_child
+    from llmship.validation.runners import open_runner
+    from llmship.validation.runners.reference import ReferenceRunner
+
+    artifact_dir = Path(artifact_dir)
+    manifest = read_manifest(artifact_dir)
+    target = target_from_manifest(manifest, config)
+    base = load_baseline(baseline, target.name)
+    if loaded is None or (model is not None and model != loaded.source):
+        loaded = load_model(model or manifest["source"])
+    if loaded.spec.vocab_size != manifest["model"]["vocab_size"] or loaded.spec.num_layers != manifest["model"]["num_layers"]:
+        raise ConfigError(f"reference model {loaded.source} does not match the artifact {artifact_dir} (vocab or layers differ)")
+    integrity = check_integrity(artifact_dir, manifest)
+    runner = open_runner(artifact_dir, manifest, target.threads)  # a missing runtime stops here, before any evaluation
+    try:
+        say(f"{target.name}: reference {loaded.source}")
+        reference = ReferenceRunner.from_decoder(build_decoder(loaded, target.max_context), threads=target.threads)
+        plan = ev.make_plan(reference, loaded.tokenizer, loaded.spec, target, config.evaluation, eval_text)
+        ref_logits = ev.teacher_forced(reference, plan, "reference")
+        ref_greedy = [ev.greedy(reference, p, plan.greedy_tokens, plan.chunk) for p in plan.prompts]
+        say(f"{target.name}: evaluating {len(plan.tokens)} tokens on {runner.executor}")
+        logits = ev.teacher_forced(runner, plan, target.name)
+        our_greedy = [ev.greedy(runner, p, plan.greedy_tokens, plan.chunk) for p in plan.prompts]
+    finally:
+        runner.close()
+    parity, series = ev.parity_metrics(logits, ref_logits, plan.tokens)
+    matched = sum(ev.greedy_match(o, r) for o, r in zip(our_greedy, ref_greedy)) if parity["finite"] else 0
+    total = sum(len(r) for r in ref_greedy)
+    parity.update(greedy_match=matched, greedy_total=total, greedy_fraction=matched / total if total else 0.0,
+                  ppl_ratio=parity["ppl"] / parity["ppl_reference"] if parity["ppl"] is not None else None)
+    say(f"{target.name}: latency and memory (separate process, {target.threads} threads)")
+    with stage(f"{target.name}: timing"):
+        timing = run_in_child(artifact_dir, target.threads, config.evaluation.latency_runs)
+    # A runtime that rewrites the file it opens would make the next check fail with no clue why: say so now.
+    changed = sorted(set(check_integrity(artifact_dir, manifest)["mismatched"]) - set(integrity["mismatched"]))
+    total_bytes = sum(f["bytes"] for f in integrity["files"].values())
+    params = manifest["model"]["params"]
+    report = {
+        "report_version": REPORT_VERSION,
+        "target": target.name,
+        "format": target.format,
+        "source": loaded.source,
+        "executor": runner.executor,
+        "executor_note": getattr(runner, "executor_note", None),
+        "recipe": target.recipe.model_dump(),
+        "artifact": {"bytes": total_bytes, "files": integrity["files"], "params": params, "bytes_per_param": total_bytes / params},
+        "integrity": {"mismatched": integrity["mismatched"], "changed_by_validation": changed},
+        "parity": parity,
+        "greedy": {"reference": ref_greedy, "artifact": our_greedy},
+        "series": series,
+        "latency": {k: timing[k] for k in ("threads", "load_s", "ttft_ms", "ttft_ms_by_prefill_length", "prefill_tok_s",
+                                            "decode_tok_s", "decode_ms_p50", "decode_ms_p90")},
+        "memory": {"peak_rss_mb": timing["peak_rss_mb"]},
+    }
+    report["gates"] = check_gates(report, target.gates, base)
+    report["passed"] = all(g["passed"] for g in report["gates"])
+    write_report(artifact_dir, report)
+    summary(report)
+    if not report["passed"]:
+        say(failure_message(target.name, report["gates"]), err=True)
+    return report
+
+
+def write_report(artifact_dir: Path, report: dict) -> None:
+    from llmship.outputs import OutputError
+
+    try:
+        write_text_atomic(artifact_dir / REPORT, json.dumps(report, indent=2, allow_nan=False) + "\n")
+    except OSError as exc:
+        raise OutputError(f"cannot write {artifact_dir / REPORT}: {exc.strerror or exc}") from None
+
+
+def _num(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def summary(r: dict) -> None:
+    p, lat = r["parity"], r["latency"]
+    say(f"{r['target']}: {'PASS' if r['passed'] else 'FAIL'}  top1 {p['top1_agreement']:.4f}  KL {_num(p['kl_mean'], '.3g')}  "
+        f"ppl {_num(p['ppl'], '.4g')}/{p['ppl_reference']:.4g}  greedy {p['greedy_match']}/{p['greedy_total']}  "
+        f"{r['artifact']['bytes'] / 1e6:.2f} MB ({r['artifact']['bytes_per_param']:.3f} B/param)  "
+        f"decode {lat['decode_tok_s']:.1f} tok/s  ttft {lat['ttft_ms']:.1f} ms  rss {r['memory']['peak_rss_mb']:.0f} MB")
