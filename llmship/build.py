@@ -26,6 +26,7 @@ INDEX = "index.json"
 def inputs_sha256(config, target, source_digest: str) -> str:
     """The build inputs of one target: what a rebuild compares. The toolchain is the format registry's list
     (the same packages the manifest records), so upgrading any of them rebuilds the target."""
+    from llmship.compress import code_digest
     from llmship.formats import toolchain_packages
 
     record = {
@@ -33,6 +34,10 @@ def inputs_sha256(config, target, source_digest: str) -> str:
         "source_files": source_digest,
         "target": target.model_dump(mode="json"),
         "evaluation": config.evaluation.model_dump(mode="json"),
+        # the compression record's inputs (its digest is a function of these and the source): calibration
+        # settings and the compression stage's own code
+        "calibration": config.calibration.model_dump(mode="json"),
+        "compress_code": code_digest(),
         "toolchain": toolchain_versions(toolchain_packages(target.format)),
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
@@ -112,19 +117,25 @@ def build(config, only: list[str] | None = None, baseline: str | None = None, de
     profiles = [resolve_target(config, n) for n in select_targets(config, only, platform)]  # all valid before work
     out = check_build_dir(config.out)
     root = out / PLATFORM_ROOTS[platform] / model_slug(config.model) if platform else out
+    digest = source_digest(config.model)  # a missing source fails here, before anything is written
+    plan = []  # (target, artifact, inputs key, report if up to date, twin to copy from)
+    for target in profiles:
+        artifact, key = root / target.name, inputs_sha256(config, target, digest)
+        report = None if baseline else up_to_date(artifact, key)
+        twin = None if report is not None or baseline else built_elsewhere(out, config.model, target.name, key, artifact)
+        plan.append((target, artifact, key, report, twin))
+    loaded = None
+    if any(report is None and twin is None for *_, report, twin in plan):
+        say(f"loading {config.model}")
+        loaded = load_model(config.model)
     try:
         root.mkdir(parents=True, exist_ok=True)
         write_resolved(config, profiles, out / BUILD_MARK)
     except OSError as exc:
         raise OutputError(f"cannot write to output directory {root}: {exc.strerror or exc}") from None
-    digest = source_digest(config.model)
-    loaded, reports = None, {}
-    for i, target in enumerate(profiles, 1):
-        step = f"[{i}/{len(profiles)}] {target.name}"
-        artifact = root / target.name
-        key = inputs_sha256(config, target, digest)
-        report = None if baseline else up_to_date(artifact, key)
-        twin = None if report is not None or baseline else built_elsewhere(out, config.model, target.name, key, artifact)
+    reports = {}
+    for i, (target, artifact, key, report, twin) in enumerate(plan, 1):
+        step = f"[{i}/{len(plan)}] {target.name}"
         if report is not None:
             say(f"{step}: up to date ({'passed' if report['passed'] else 'FAILED'} when validated)")
         elif twin is not None:
@@ -132,11 +143,8 @@ def build(config, only: list[str] | None = None, baseline: str | None = None, de
             copy_artifact(twin, artifact)
             report = up_to_date(artifact, key)
         else:
-            if loaded is None:
-                say(f"loading {config.model}")
-                loaded = load_model(config.model)
             say(f"{step}: exporting ({target.format}, weights {target.recipe.weights})")
-            export_artifact(loaded, target, artifact, debug=debug, inputs_sha256=key)
+            export_artifact(loaded, target, artifact, debug=debug, inputs_sha256=key, config=config)
             say(f"{step}: validating")
             report = validate_artifact(artifact, config, baseline=baseline and Path(baseline) / target.name, loaded=loaded)
         reports[target.name] = report

@@ -5,13 +5,20 @@ import argparse
 import sys
 from pathlib import Path
 
-from llmship.errors import ConfigError, LlmshipError
+from llmship.errors import ConfigError, LlmshipError, Terminated, request_termination, termination_requested
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors as the contract's one line and exit code 2 (argparse would print the usage block too)."""
+
+    def error(self, message: str):
+        self.exit(2, f"llmship: error: {self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llmship", description="Export a causal LM to on-device runtimes, validate every artifact on its runtime, and gate.")
+    p = Parser(prog="llmship", description="Export a causal LM to on-device runtimes, validate every artifact on its runtime, and gate.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     b = sub.add_parser("build", help="export and validate the targets of a config")
     b.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
@@ -78,7 +85,7 @@ def cmd_targets(args) -> int:
 def cmd_inspect(args) -> int:
     from llmship.manifest import read_manifest
 
-    m = read_manifest(args.artifact)
+    m = read_manifest(args.artifact)  # checks every field printed below
     total = sum(f["bytes"] for f in m["files"].values())
     print(f"target      {m['target']}  ({m['format']} on {m['runtime']}, {m.get('threads')} threads)")
     print(f"source      {m['source']}  ({m['model']['architecture']}, {m['model']['params']:,} params)")
@@ -107,7 +114,7 @@ def cmd_export(args) -> int:
     target = resolve_target(config, args.target)
     check_output_dir(args.out)  # before minutes of work, not after
     loaded = load_model(args.model)
-    out = export_artifact(loaded, target, args.out, debug=args.debug)
+    out = export_artifact(loaded, target, args.out, debug=args.debug, config=config)
     print(f"wrote {out}")
     return 0
 
@@ -181,18 +188,16 @@ COMMANDS = {"targets": cmd_targets, "inspect": cmd_inspect, "export": cmd_export
             "litertlm": cmd_litertlm}
 
 
-def _terminate(signum, frame):
-    # SIGTERM (a CI runner cancelling a job, `kill`) unwinds like Ctrl-C, so temporary directories are removed.
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     import signal
 
     args = _parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = signal.signal(signal.SIGTERM, request_termination)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        if termination_requested():  # the signal's exception was swallowed somewhere: still a terminated run
+            raise Terminated
+        return code
     except LlmshipError as exc:
         if args.debug:
             import traceback
@@ -203,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llmship: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("llmship: terminated", file=sys.stderr)
+        return 143
     except BrokenPipeError:  # `llmship targets | head`: the reader left; nothing to report
         sys.stdout = None
         return 0

@@ -16,8 +16,31 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Rule(Strict):
+    """A per-module rule: modules whose name matches `match` (a regular expression searched in names such as
+    `model.layers.3.mlp.down_proj`, `model.embed_tokens`, `lm_head`) get these settings. Only the fields a rule
+    sets apply (`group_size: null` set explicitly means per output channel); later rules override earlier ones."""
+
+    match: str
+    weights: Literal["fp32", "fp16", "int8", "int4", "pal4"] | None = None
+    group_size: int | None = Field(default=None, gt=0)
+    symmetric: bool | None = None
+
+    @field_validator("match")
+    @classmethod
+    def _compiles(cls, v):
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"match {v!r} is not a regular expression: {exc}") from None
+        return v
+
+
 class Recipe(Strict):
-    """What a target's quantization does; each exporter maps it onto its own runtime's toolchain."""
+    """What a target's quantization does: the grid of every weight (recipe-wide fields, then per-module `rules`)
+    and the algorithm that puts the weights on it. Each runtime says which grids it can hold (its exporter's
+    `check`); the compression stage builds the weights on that grid and every exporter ships them as they are.
+"""
 
     weights: Precision = "fp32"
     activations: Literal["fp32", "fp16", "int8"] = "fp32"  # int8 = dynamic per-token activation quantization
@@ -27,6 +50,9 @@ class Recipe(Strict):
     # The integer grid: True = symmetric (no zero point), False = asymmetric (zero points / offsets),
     # None = the runtime's own default (what its exporter documents). Runtimes say which they can hold.
     symmetric: bool | None = None
+    # How weights are put on the grid: round-to-nearest, GPTQ (calibrated), or the source's own blocks (GGUF).
+    algorithm: Literal["rtn", "gptq", "source"] = "rtn"
+    rules: tuple[Rule, ...] = ()
 
     @model_validator(mode="after")
     def _group_size_needs_blocks(self):
@@ -45,6 +71,11 @@ class Gates(Strict):
     kl_p99_max: float | None = Field(default=None, ge=0)
     ppl_ratio_max: float | None = Field(default=None, ge=1)
     greedy_match_min: float | None = Field(default=None, ge=0, le=1)  # fraction of greedy tokens that match
+    # Conversion: the artifact against the compressed reference (the record's weights and the runtime's activation
+    # quantization in PyTorch). It measures the converter, not the recipe, so its limits are tight for every recipe.
+    conversion_kl_mean_max: float | None = Field(default=None, ge=0)
+    conversion_kl_p99_max: float | None = Field(default=None, ge=0)
+    conversion_top1_agreement_min: float | None = Field(default=None, ge=0, le=1)
     bytes_per_param_max: float | None = Field(default=None, gt=0)
     size_bytes_max: int | None = Field(default=None, gt=0)
     decode_tok_s_min: float | None = Field(default=None, gt=0)
@@ -63,9 +94,9 @@ class TargetProfile(Strict):
     runtime: str = ""  # the format's runtime; filled in from the registry
     recipe: Recipe = Recipe()
     kv_cache_dtype: Literal["fp32", "fp16"] = "fp32"
-    max_context: int = Field(default=512, gt=0)
-    prefill_lengths: tuple[int, ...] = (32, 128)
-    threads: int = Field(default=2, gt=0)
+    max_context: int = Field(default=512, gt=0, le=131072)  # the static KV cache holds this many positions
+    prefill_lengths: tuple[int, ...] = Field(default=(32, 128), max_length=16)
+    threads: int = Field(default=2, gt=0, le=256)
     device: str = "mid-range phone CPU, 2 big cores"
     default: bool = False  # part of the default target set (`make run`, a config without `targets`)
     gates: Gates = Gates()
@@ -106,13 +137,23 @@ class TargetProfile(Strict):
         return self
 
 
+class Calibration(Strict):
+    """Tokens the compression stage learns from (GPTQ's Hessians). Default: sampled from the FP32 reference with
+    their own seed, in separate sequences from the evaluation's, so they never share tokens."""
+
+    text: str | None = None
+    tokens: int = Field(default=2048, gt=0, le=1_000_000)
+    seed: int = 1
+    sequence_length: int = Field(default=128, gt=1, le=8192)
+
+
 class Evaluation(Strict):
-    tokens: int = Field(default=128, gt=1)  # teacher-forced evaluation length; CI-friendly default
+    tokens: int = Field(default=128, gt=1, le=1_000_000)  # teacher-forced evaluation length; CI-friendly default
     text: str | None = None  # a text file; default: text sampled from the FP32 reference with `seed`
     seed: int = 0
     prompts: tuple[str, ...] = Field(default=("Once upon a time",), min_length=1)
-    greedy_tokens: int = Field(default=32, gt=0)
-    latency_runs: int = Field(default=16, gt=0)  # decode steps timed after warm-up
+    greedy_tokens: int = Field(default=32, gt=0, le=100_000)
+    latency_runs: int = Field(default=16, gt=0, le=100_000)  # decode steps timed after warm-up
 
 
 class BuildConfig(Strict):
@@ -120,6 +161,7 @@ class BuildConfig(Strict):
     targets: tuple[str, ...] = ()
     out: str = "dist"
     evaluation: Evaluation = Evaluation()
+    calibration: Calibration = Calibration()
     overrides: dict[str, dict[str, Any]] = {}  # target name -> fields of its profile to override
     # `llmship build --platform NAME` builds these target sets into the app-ready layouts.
     platforms: dict[Literal["android", "ios"], tuple[str, ...]] = {

@@ -66,6 +66,25 @@ class RuntimeMissing(LlmshipError):
     exit_code = 5
 
 
+class Terminated(BaseException):
+    """SIGTERM (a CI runner cancelling a job, `kill`): unwinds like Ctrl-C, so temporary directories are removed.
+    Not KeyboardInterrupt, which some converters treat specially. An exception raised by a signal handler can be
+    swallowed when it lands inside a finalizer, so the request is also remembered (`termination_requested`) and
+    checked before anything is committed."""
+
+
+_TERMINATION = []
+
+
+def request_termination(signum=None, frame=None):
+    _TERMINATION.append(signum)
+    raise Terminated
+
+
+def termination_requested() -> bool:
+    return bool(_TERMINATION)
+
+
 def require(module: str, runtime: str, install: str):
     """Import a runtime's or converter's Python package, or raise RuntimeMissing (exit 5) saying how to get it."""
     try:

@@ -23,7 +23,9 @@ REPORT = "report.json"
 REQUIRED = {
     "target": str, "format": str, "runtime": str, "source": str, "threads": int, "target_profile": dict,
     "recipe": dict, "max_context": int, "prefill_lengths": list, "model": dict, "model.params": int,
-    "model.vocab_size": int, "model.num_layers": int, "model.config": dict, "kv_cache": dict, "entry_points": dict,
+    "model.vocab_size": int, "model.num_layers": int, "model.config": dict, "model.architecture": str,
+    "model.eos_token_ids": list, "kv_cache": dict, "kv_cache.held_as": str, "kv_cache.dtype": str,
+    "kv_cache.num_layers": int, "kv_cache.shape": list, "entry_points": dict,
     "entry_points.decode": dict, "entry_points.decode.file": str, "entry_points.decode.inputs": list,
     "entry_points.decode.outputs": list, "files": dict, "tokenizer": str,
 }
@@ -100,13 +102,24 @@ def check_manifest(manifest, where: str) -> dict:
     prefill = [n for n in manifest["entry_points"] if n.startswith("prefill")]
     if not prefill:
         raise ManifestError(f"{where}: field entry_points.prefill is missing (no prefill entry point)")
-    for name in prefill:
-        ep = manifest["entry_points"][name]
-        if not isinstance(ep, dict) or not isinstance(ep.get("file"), str) or not isinstance(ep.get("inputs"), list):
-            raise ManifestError(f"{where}: field entry_points.{name} must be an object with a file and inputs")
     for name, f in manifest["files"].items():
         if not isinstance(f, dict) or not isinstance(f.get("sha256"), str) or not isinstance(f.get("bytes"), int):
             raise ManifestError(f"{where}: field files.{name} must be an object with sha256 and bytes")
+        safe_relative(name, where)
+    for name, ep in manifest["entry_points"].items():
+        if not isinstance(ep, dict) or not isinstance(ep.get("file"), str):
+            raise ManifestError(f"{where}: field entry_points.{name} must be an object with a file")
+        rel = safe_relative(ep["file"], where)
+        if rel not in manifest["files"] and not any(n.startswith(rel + "/") for n in manifest["files"]):
+            raise ManifestError(f"{where}: field entry_points.{name}.file: {rel} is not listed in the manifest's files")
+        for kind in ("inputs", "outputs"):
+            tensors = ep.get(kind)
+            if not isinstance(tensors, list) or not all(
+                    isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("shape"), list) for t in tensors):
+                raise ManifestError(f"{where}: field entry_points.{name}.{kind} must be a list of tensors with a name and shape")
+    for key in ("params", "vocab_size", "num_layers"):
+        if manifest["model"][key] < 1:
+            raise ManifestError(f"{where}: field model.{key} must be positive")
     if manifest["max_context"] < 1 or not manifest["prefill_lengths"] or not all(
             isinstance(t, int) and 0 < t <= manifest["max_context"] for t in manifest["prefill_lengths"]):
         raise ManifestError(f"{where}: field prefill_lengths must be positive lengths within max_context")

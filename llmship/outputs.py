@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from llmship.errors import ConfigError
+from llmship.errors import ConfigError, Terminated, termination_requested
 
 BUILD_MARK = "llmship.resolved.yaml"
 
@@ -144,6 +144,8 @@ def atomic_directory(final: Path):
             raise OutputError(f"cannot write to output directory {final.parent}: {exc.strerror}") from None
         try:
             yield tmp
+            if termination_requested():  # SIGTERM arrived and its exception was lost: do not commit
+                raise Terminated
             if final.exists():
                 old = final.with_name(f".{final.name}.old-{os.getpid()}")
                 final.rename(old)

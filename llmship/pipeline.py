@@ -67,8 +67,38 @@ def manifest_body(loaded, target, result) -> dict:
     }
 
 
-def export_artifact(loaded, target, out_dir: str | Path, debug: bool = False, inputs_sha256: str | None = None) -> Path:
-    """Build one target's artifact directory atomically; returns its path."""
+def compression_record(loaded, target, module, config, eval_text: str | None = None):
+    """The compression stage for one target: the record of every matrix the runtime quantizes (None if none)."""
+    from llmship.compress import build_record
+
+    if not hasattr(module, "weight_plan"):  # an exporter that still quantizes with its own converter
+        return None
+    grids, activations = module.weight_plan(target, loaded.spec)
+    grids = {name: g for name, g in grids.items() if g is not None}
+    if not grids:
+        return None
+    with stage(f"{target.name}: compressing ({target.recipe.algorithm})"):
+        return build_record(loaded, grids, activations, target.recipe.algorithm, config.calibration, config.evaluation, eval_text)
+
+
+def compression_manifest(record, config) -> dict | None:
+    """What validation needs to rebuild the same record, and what an app may want to know about it."""
+    from dataclasses import asdict
+
+    from llmship.compress.algorithms import NEEDS_CALIBRATION
+
+    if record is None:
+        return None
+    return {"algorithm": record.algorithm, "digest": record.digest(), "activations": record.activations,
+            "calibration": config.calibration.model_dump(mode="json") if record.algorithm in NEEDS_CALIBRATION else None,
+            "evaluation_seed": config.evaluation.seed, "notes": record.notes,
+            "stored_bytes": sum(t.stored_bytes() for t in record.tensors.values()),
+            "grids": {n: asdict(t.grid) for n, t in sorted(record.tensors.items())}}
+
+
+def export_artifact(loaded, target, out_dir: str | Path, debug: bool = False, inputs_sha256: str | None = None,
+                    config=None) -> Path:
+    """Build one target's artifact directory atomically (compress, then export); returns its path."""
     import contextlib
 
     from llmship.exporters import ExportJob, quiet
@@ -78,16 +108,21 @@ def export_artifact(loaded, target, out_dir: str | Path, debug: bool = False, in
     from llmship.outputs import OutputError, atomic_directory, check_output_dir
     from llmship.targets import check_target
 
+    from llmship.config import BuildConfig
+
+    config = config or BuildConfig()
     out_dir = check_output_dir(out_dir)
     hush = contextlib.nullcontext if debug else quiet
     with hush():
         module = exporter(target.format)
     check_target(target, loaded.spec)
-    decoder = build_decoder(loaded, target.max_context, target.kv_cache_dtype)
+    record = compression_record(loaded, target, module, config)
+    decoder = build_decoder(loaded, target.max_context, target.kv_cache_dtype,
+                            weights=record.dequantized_weights(loaded.weights) if record else None)
     with atomic_directory(out_dir) as tmp:
         try:
             with stage(f"{target.name}: converting"), hush():
-                result = module.export(ExportJob(decoder, loaded, target, tmp))
+                result = module.export(ExportJob(decoder, loaded, target, tmp, record))
         except LlmshipError:
             raise
         except ImportError as exc:  # a converter's own dependency missing part-way: the toolchain is incomplete
@@ -103,10 +138,14 @@ def export_artifact(loaded, target, out_dir: str | Path, debug: bool = False, in
             raise ExportError(target.name, f"{target.format} export", f"{type(exc).__name__}: {detail}") from exc
         try:
             loaded.tokenizer.save(str(tmp / "tokenizer.json"))
+        except Exception as exc:  # the tokenizers library reports I/O failures as a plain Exception
+            raise OutputError(f"{target.name}: cannot write tokenizer.json into {out_dir.parent}: {exc}") from None
+        try:
             body = manifest_body(loaded, target, result)
+            body["compression"] = compression_manifest(record, config)
             if inputs_sha256:
                 body["inputs_sha256"] = inputs_sha256  # what a rebuild compares to decide it has nothing to do
             write_manifest(tmp, body)
         except OSError as exc:
-            raise OutputError(f"{target.name}: cannot write the artifact into {out_dir.parent}: {exc.strerror or exc}") from None
+            raise OutputError(f"{target.name}: cannot write manifest.json into {out_dir.parent}: {exc.strerror or exc}") from None
     return out_dir

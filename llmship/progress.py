@@ -17,7 +17,15 @@ def stage(desc: str):
     """An elapsed-time indicator for a step that reports no progress of its own (e.g. a converter)."""
     from tqdm import tqdm
 
-    line = tqdm(desc=desc, total=None, bar_format="{desc} {elapsed}", leave=False, disable=None)
+    import os
+    import sys
+
+    # Its own handle on the terminal: converters run with stderr pointed at /dev/null (exporters.quiet).
+    try:
+        out = os.fdopen(os.dup(sys.stderr.fileno()), "w") if sys.stderr.isatty() else sys.stderr
+    except (OSError, ValueError, AttributeError):
+        out = sys.stderr
+    line = tqdm(desc=desc, total=None, bar_format="{desc} {elapsed}", leave=False, disable=None, file=out)
     stop = threading.Event()
 
     def tick():
@@ -32,6 +40,8 @@ def stage(desc: str):
         stop.set()
         thread.join()
         line.close()
+        if out is not sys.stderr:
+            out.close()
 
 
 def say(msg: str, err: bool = False) -> None:

@@ -3,10 +3,15 @@
 Each module defines
     check(target, spec=None) -> None     what its runtime can hold (bit widths, group sizes, grids, dtypes),
                                          raising ConfigError naming the field; cheap (no converter imported).
+    weight_plan(target, spec) -> (grids, activations)
+                                         the grid (llmship/compress/grids.py) every matrix of this model must
+                                         land on for this runtime (None: stored in float), and how the runtime
+                                         quantizes each quantized linear's input; the compression stage builds
+                                         the record on these grids.
     export(job: ExportJob) -> ExportResult
-                                         traces the model it is handed (never rebuilds it), applies the recipe
-                                         with its runtime's own toolchain and writes the model file(s) into
-                                         `job.out_dir`.
+                                         traces the model it is handed (never rebuilds it), writes the record's
+                                         weights exactly in its runtime's own form, and writes the model file(s)
+                                         into `job.out_dir`.
 The pipeline adds tokenizer.json and manifest.json and makes the directory appear atomically. Exporters import
 nothing from llmship.validation.
 """
@@ -21,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from llmship.compress.record import WeightRecord
     from llmship.config import TargetProfile
     from llmship.models.decoder import MobileDecoder
     from llmship.models.loaded import LoadedModel
@@ -32,6 +38,7 @@ class ExportJob:
     loaded: "LoadedModel"
     target: "TargetProfile"
     out_dir: Path  # write model files here (a temporary directory, renamed when all is done)
+    record: "WeightRecord | None" = None  # the quantized weights to ship (None: every weight stays float)
 
 
 @dataclass(frozen=True)
@@ -52,10 +59,30 @@ def tensor_spec(name: str, dtype: str, shape: list, role: str) -> dict:
 
 
 @contextlib.contextmanager
+def _fd_to_devnull(fd: int):
+    """Point file descriptor `fd` at /dev/null for the block: converters' C++ code (TFLite's converter, absl,
+    oneDNN) writes its log lines to the process's stderr directly, past Python's sys.stderr."""
+    import sys
+
+    stream = sys.stderr if fd == 2 else sys.stdout
+    with contextlib.suppress(Exception):
+        stream.flush()
+    saved = os.dup(fd)
+    sink = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(sink, fd)
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(sink)
+
+
+@contextlib.contextmanager
 def quiet():
     """The converters' chatter (deprecation warnings, optional kernels that did not load, passes logged at INFO,
-    progress bars) is not the user's business; errors still surface as exceptions, and `--debug` lets it all
-    through."""
+    progress bars, C++ log lines) is not the user's business; errors still surface as exceptions, and `--debug`
+    lets it all through."""
     loggers = [logging.getLogger(n) for n in ("", "torch", "torchao", "torch.onnx", "onnx_ir", "onnxruntime.quantization",
                                               "coremltools", "executorch", "ai_edge_quantizer", "absl")]
     levels = [lg.level for lg in loggers]
@@ -64,10 +91,10 @@ def quiet():
     try:
         # Python-level stdout/stderr too: converters' own progress lines (coremltools' pass pipelines,
         # litert-torch's stage timings) are printed there. TF_CPP_MIN_LOG_LEVEL quiets the TFLite converter's
-        # C++ INFO lines (it reads the variable when it logs).
+        # C++ INFO lines (it reads the variable when it logs); what it still writes goes to /dev/null.
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         with warnings.catch_warnings(), open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink), \
-                contextlib.redirect_stdout(sink):
+                contextlib.redirect_stdout(sink), _fd_to_devnull(1), _fd_to_devnull(2):
             warnings.simplefilter("ignore")
             yield
     finally:

@@ -16,31 +16,29 @@ the past buffer (genai, OnnxRunner) moves T rows per step instead of copying the
 attention is one Attention node per layer, fed the [1, n_kv_heads, C, head_dim] cache directly (it does
 grouped-query attention itself), so the cache is not repeated per query head every step either.
 
-Recipes, applied with onnxruntime.quantization on the FP32 graph (MatMul weights; activations int8 means
-int8 compute inside the kernel, inputs quantized at run time):
-  fp32                        as traced.
-  int4  (group_size g=32)     MatMulNBits, 4-bit blocks of g along K, HQQ scales and float zero points;
-                              activations int8 -> accuracy_level 4.
-  int8  with group_size g     MatMulNBits, 8-bit blocks of g, round-to-nearest; activations int8 -> level 4.
-  int8  without group_size    quantize_dynamic: int8 per output channel, activations int8 per tensor
-                              (DynamicQuantizeLinear + MatMulInteger).
+Weights come from the compression stage's record (llmship/compress/), written into the traced FP32 graph as
+ONNX Runtime's own quantized ops by `onnx_weights` (which also says which grids ONNX Runtime holds):
+  int4 / int8 with group_size g   MatMulNBits, blocks of g along K; activations int8 -> accuracy_level 4.
+  int8 without group_size         DynamicQuantizeLinear + MatMulInteger (int8 per output channel).
 recipe.embedding sets the embedding's precision and a tied head's. A tied matrix is stored once, as the
 head's weight, and the embedding reads it: columns of the fp32 / MatMulInteger weight, or rows of the
-MatMulNBits blocks through GatherBlockQuantized. An untied embedding is quantized on its own (int8 per
-row, int4 GatherBlockQuantized).
+MatMulNBits blocks through GatherBlockQuantized. An untied embedding is quantized on its own (int8 rows,
+int4 GatherBlockQuantized).
 """
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 import torch
 
+from llmship.compress.plan import EMBEDDING as EMBEDDING_MODULE
 from llmship.errors import ConfigError
 from llmship.exporters import ExportJob, ExportResult, tensor_spec
+from llmship.exporters import onnx_weights as ow
+from llmship.exporters.onnx_weights import weight_plan  # noqa: F401  (the registry's entry point)
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -220,150 +218,60 @@ def _dequantize_rows(add, const, q, ids, scale, zero_point=None):
     return add("Mul", [x, add("Unsqueeze", [add("Gather", [scale, ids]), const([-1])])])
 
 
-def int8_embedding_rows(model) -> None:
-    """An untied embedding in int8: symmetric per-row scales (quantize_dynamic would use one scale for all)."""
-    embed = _find(model, EMBEDDING)
-    table, ids, nodes = embed.inputs[0], embed.inputs[1], []
-    add = _adder(nodes, EMBEDDING)
-
-    w = table.const_value.numpy()
-    scale = (np.maximum(np.abs(w).max(axis=1), 1e-30) / 127.0).astype(np.float32)
-    q = _initializer(model, f"{table.name}_quantized", np.clip(np.round(w / scale[:, None]), -127, 127).astype(np.int8))
-    out = _dequantize_rows(add, lambda v: add("Constant", [], value_ints=list(v)), add("Gather", [q, ids]), ids,
-                           _initializer(model, f"{table.name}_scale", scale))
-    model.graph.insert_before(embed, nodes)
-    embed.outputs[0].replace_all_uses_with(out)
-    model.graph.remove(embed, safe=True)
-
-
 # ---- quantization (onnxruntime.quantization) --------------------------------------------------------------
 
 def check(target, spec=None) -> None:
     """What ONNX Runtime's CPU provider holds here: fp32; MatMulNBits 4/8-bit blocks of 16..256 (power of two),
     symmetric or asymmetric; per-channel int8 with dynamic int8 activations (MatMulInteger, symmetric);
-    fp32 compute and cache."""
+    fp32 compute and cache. Every per-module rule is held to the same."""
+    from llmship.compress.plan import module_rules, rule_variants
+
     r, name = target.recipe, target.name
-    if r.weights not in ("fp32", "int8", "int4"):
-        raise ConfigError(f"{name}: recipe.weights {r.weights} is not available for onnx (fp32, int8, int4)")
     if r.compute != "fp32":
         raise ConfigError(f"{name}: recipe.compute must be fp32: onnx targets ONNX Runtime's CPU provider in fp32")
     if target.kv_cache_dtype != "fp32":
         raise ConfigError(f"{name}: kv_cache_dtype must be fp32 on onnx (the graph's past/present are fp32)")
     if r.activations not in ("fp32", "int8") or (r.weights == "fp32" and r.activations != "fp32"):
         raise ConfigError(f"{name}: recipe.activations {r.activations} is not available with {r.weights} weights on onnx")
-    if r.weights == "int8" and r.group_size is None:
-        if r.activations != "int8":
-            raise ConfigError(f"{name}: recipe.activations: onnx per-channel int8 is dynamic quantization (MatMulInteger): set "
-                              "recipe.activations: int8, or recipe.group_size for block-wise int8 weights (MatMulNBits)")
-        if r.symmetric is False:
-            raise ConfigError(f"{name}: recipe.symmetric false: per-channel int8 weights (MatMulInteger) are symmetric here; "
-                              "set recipe.group_size for asymmetric block-wise int8 (MatMulNBits)")
-    if r.group_size is not None and r.group_size not in MATMUL_NBITS_BLOCKS:
-        raise ConfigError(f"{name}: recipe.group_size {r.group_size} must be one of {', '.join(map(str, MATMUL_NBITS_BLOCKS))} "
-                          "for MatMulNBits")
-    allowed = {"fp32": ("fp32",), "int8": ("fp32", "int8"), "int4": ("fp32", "int8", "int4")}[r.weights]
-    if embedding_precision(r) not in allowed:
-        raise ConfigError(f"{name}: recipe.embedding {r.embedding} is not available with {r.weights} weights on onnx "
-                          f"({', '.join(('same',) + allowed)})")
+    for i, (role, rule) in enumerate(rule_variants(r)):
+        where = "recipe" if i < 2 else f"recipe.rules[{(i - 2) // 2}]"
+        if rule.weights not in ("fp32", "int8", "int4"):
+            raise ConfigError(f"{name}: {where}.weights {rule.weights} is not available for onnx (fp32, int8, int4)")
+        if rule.weights == "int8" and rule.group_size is None and role == "linear":
+            if r.activations != "int8":
+                raise ConfigError(f"{name}: recipe.activations: onnx per-channel int8 is dynamic quantization (MatMulInteger): set "
+                                  "recipe.activations: int8, or recipe.group_size for block-wise int8 weights (MatMulNBits)")
+            if rule.symmetric is False:
+                raise ConfigError(f"{name}: {where}.symmetric false: per-channel int8 weights (MatMulInteger) are symmetric "
+                                  "here; set a group_size for asymmetric block-wise int8 (MatMulNBits)")
+        if rule.group_size is not None and rule.group_size not in MATMUL_NBITS_BLOCKS:
+            raise ConfigError(f"{name}: {where}.group_size {rule.group_size} must be one of "
+                              f"{', '.join(map(str, MATMUL_NBITS_BLOCKS))} for MatMulNBits")
+    if spec is not None:
+        module_rules(r, spec)  # every rule must match a module of this model
 
 
-def embedding_precision(recipe) -> str:
-    return recipe.weights if recipe.embedding == "same" else recipe.embedding
-
-
-def _nbits(proto, include: set[str], bits: int, block: int, hqq: bool = False):
-    """MatMulNBitsQuantizer on exactly the named MatMul / Gather nodes."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
-    others = [n.name for n in proto.graph.node if n.op_type in ("MatMul", "Gather") and n.name not in include]
-    quantizer = MatMulNBitsQuantizer(
-        proto, bits=bits, block_size=block, is_symmetric=False, nodes_to_exclude=others,
-        op_types_to_quantize=("MatMul", "Gather"), quant_axes=(("MatMul", 0), ("Gather", 1)),
-        algo_config=HQQWeightOnlyQuantConfig(block_size=block, bits=bits) if hqq else None)
-    quantizer.process()
-    return quantizer.model.model
-
-
-def quantize(model, job: ExportJob, embedding: str, tied: bool, workdir: Path):
-    """Apply the recipe with onnxruntime.quantization; returns the quantized onnx_ir Model.
-
-    Block-wise linears use HQQ (scales and float zero points fitted without calibration data): on SmolLM2,
-    whose weights lie on a Q4_1 grid, it represents them exactly where round-to-nearest with integer zero
-    points does not (4-bit KL 0.0002 vs 0.5 on the same text, fp32 activations). A tied head keeps the
-    embedding's precision and uses round-to-nearest with integer zero points, the form GatherBlockQuantized
-    can share with the embedding.
-    """
-    r = job.target.recipe
-    block = r.group_size or 32
-    linears = {n.name for n in model.graph if n.op_type == "MatMul" and n.inputs[1].is_initializer() and not (tied and n.name == HEAD)}
-    head = {HEAD} if tied and embedding != "fp32" else set()
-    proto = ir.to_proto(model)
-    if r.weights == "int8" and r.group_size is None:  # per output channel, activations per tensor at run time
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        out = workdir / "int8.onnx"
-        quantize_dynamic(proto, out, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                         nodes_to_quantize=sorted(linears | head), use_external_data_format=True)
-        model = ir.external_data.load_to_model(ir.load(out))  # into memory: `out` is temporary
-    else:
-        proto = _nbits(proto, linears, 4 if r.weights == "int4" else 8, block, hqq=True)
-        if head:
-            proto = _nbits(proto, head, 4 if embedding == "int4" else 8, block)
-        model = ir.from_proto(proto)
-        integer_zero_points(model)
-        for node in model.graph:
-            if node.op_type == "MatMulNBits" and r.activations == "int8":
-                node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", 4)  # int8 compute on CPU
-    if not tied and embedding == "int8":
-        int8_embedding_rows(model)
-    elif not tied and embedding == "int4":
-        model = ir.from_proto(_nbits(ir.to_proto(model), {EMBEDDING}, 4, block))
-    return model
-
-
-def integer_zero_points(model) -> int:
-    """Split HQQ's float zero points into the integer part MatMulNBits' fast CPU kernels take and a
-    per-block fp32 remainder applied as a correction: with z = zi + zr,
-
-        x @ ((q - z) * s)  =  MatMulNBits(x; q, s, zi)  -  blocksum(x) @ (zr * s)
-
-    where blocksum(x) sums x over each block of K. ORT runs MatMulNBits with float zero points through a
-    dequantize-everything path, ten times slower than fp32 MatMul here; the split keeps the exact weights
-    at the cost of a [K/block, N] fp32 MatMul per linear. Returns the nodes rewritten."""
-    sums, count = {}, 0
-    for node in list(model.graph):
-        if node.op_type != "MatMulNBits" or len(node.inputs) < 4 or node.inputs[3].dtype != ir.DataType.FLOAT:
+def apply_record(model, record, target, tied: bool) -> None:
+    """The record's weights into the graph, as MatMulNBits / MatMulInteger / GatherBlockQuantized (onnx_weights)."""
+    level = 4 if target.recipe.activations == "int8" else 0  # 4: int8 compute on CPU, inputs quantized per block
+    for name, t in record.tensors.items():
+        if name == EMBEDDING_MODULE:
             continue
-        n, k, block, bits = (node.attributes[a].as_int() for a in ("N", "K", "block_size", "bits"))
-        blocks = -(-k // block)
-        scale = node.inputs[2].const_value.numpy().reshape(n, blocks)
-        zero = node.inputs[3].const_value.numpy().reshape(n, blocks)
-        whole = np.clip(np.round(zero), 0, 2**bits - 1).astype(np.uint8)
-        stored = whole
-        if bits == 4:  # two blocks a byte, the first in the low nibble
-            pairs = np.pad(whole, ((0, 0), (0, blocks % 2))).reshape(n, -1, 2)
-            stored = pairs[..., 0] | (pairs[..., 1] << 4)
-        name = model.graph.initializers.pop(node.inputs[3].name).name
-        node.replace_input_with(3, _initializer(model, name, stored))
-        remainder = _initializer(model, f"{name}_remainder", np.ascontiguousarray(((zero - whole) * scale).T.astype(np.float32)))
-        x, nodes = node.inputs[0], []
-        add = _adder(nodes, node.name)
-
-        if x not in sums:  # q/k/v and gate/up share their input: one block sum each
-            padded = add("Pad", [x, add("Constant", [], value_ints=[0, 0, 0, 0, 0, blocks * block - k])]) if k % block else x
-            reshaped = add("Reshape", [padded, add("Constant", [], value_ints=[0, 0, blocks, block])])
-            sums[x] = add("ReduceSum", [reshaped, add("Constant", [], value_ints=[-1])], keepdims=0)
-        correction = add("MatMul", [sums[x], remainder])
-        model.graph.insert_after(node, nodes)
-        out = node.outputs[0]
-        fixed = ir.node("Sub", [out, correction], name=f"{node.name}/Sub")
-        model.graph.insert_after(nodes[-1], fixed)
-        name, out.name = out.name, f"{out.name}/uncorrected"
-        out.replace_all_uses_with(fixed.outputs[0], replace_graph_outputs=True)
-        fixed.replace_input_with(0, out)
-        fixed.outputs[0].name = name  # e.g. `logits` when the head is one of them
-        count += 1
-    return count
+        node = _find(model, f"{name}/MatMul")
+        if node is None:
+            raise RuntimeError(f"the traced graph has no MatMul for {name}")
+        (ow.matmul_integer(model, node, t) if t.grid.group_size is None else ow.matmul_nbits(model, node, t, level))
+    embedding = record.tensors.get(EMBEDDING_MODULE)
+    if embedding is not None and tied:
+        head = _find(model, HEAD)
+        (ow.matmul_integer(model, head, embedding) if embedding.grid.group_size is None else ow.matmul_nbits(model, head, embedding, level))
+    elif embedding is not None:
+        embed = _find(model, EMBEDDING)
+        if embedding.grid.group_size is None:
+            ow.embedding_rows(model, embed, embedding, _adder, _dequantize_rows)
+        else:
+            ow.embedding_blocks(model, embed, embedding, _adder)
+    ow.integer_zero_points(model, _adder)
 
 
 # ---- emit ---------------------------------------------------------------------------------------------------
@@ -388,9 +296,13 @@ def genai_config(job: ExportJob) -> dict:
     """onnxruntime-genai's decoder description (the schema its model builder writes)."""
     spec, c = job.loaded.spec, job.target.max_context
     eos = list(spec.eos_token_ids)
+    # genai requires a number for bos_token_id (a prompt's ids come from the caller, so it only labels the
+    # vocabulary). Configs without one (Qwen2/Qwen3) use their end-of-text token for both roles; with no EOS
+    # either, 0. An empty eos list is valid: generation then runs to max_length.
+    bos = spec.bos_token_id if spec.bos_token_id is not None else (eos[0] if eos else 0)
     return {
         "model": {
-            "bos_token_id": spec.bos_token_id,
+            "bos_token_id": bos,
             "context_length": c,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "intra_op_num_threads": job.target.threads,
@@ -441,19 +353,17 @@ def _sentencepiece_style(tok) -> bool:
 
 
 def export(job: ExportJob) -> ExportResult:
-    embedding = embedding_precision(job.target.recipe)
-    spec, c, recipe = job.loaded.spec, job.target.max_context, job.target.recipe
+    spec, c = job.loaded.spec, job.target.max_context
     model = trace(job.decoder)
     attend_to_cache_directly(model)
     name_weights(model)
     tied = untie_head(model)
-    with tempfile.TemporaryDirectory(dir=job.out_dir.parent) as tmp:  # quantize_dynamic works through files
-        if recipe.weights != "fp32":
-            model = quantize(model, job, embedding, tied, Path(tmp))
-        if tied:
-            share_tied_embedding(model)
-        model.graph.name = "llmship_decoder"
-        data_file = save(model, job.out_dir)
+    if job.record is not None:
+        apply_record(model, job.record, job.target, tied)
+    if tied:
+        share_tied_embedding(model)
+    model.graph.name = "llmship_decoder"
+    data_file = save(model, job.out_dir)
     (job.out_dir / "genai_config.json").write_text(json.dumps(genai_config(job), indent=2) + "\n")
     (job.out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(job), indent=2) + "\n")
 

@@ -21,6 +21,10 @@ def check(target, spec=None) -> None:
         raise ConfigError(f"{target.name}: recipe.embedding/symmetric/group_size have no meaning for fp32 pytorch weights")
 
 
+def weight_plan(target, spec) -> tuple[dict, dict]:
+    return {}, {}  # FP32 weights, nothing to quantize
+
+
 def export(job: ExportJob) -> ExportResult:
     from safetensors.torch import save_file
 

@@ -10,6 +10,8 @@ if TYPE_CHECKING:
     from llmship.models.loaded import LoadedModel
 
 CACHE_DTYPES = ("fp32", "fp16")
+# A static cache this large would not fit a phone (or the build machine): refuse before allocating it.
+MAX_CACHE_BYTES = 8 << 30
 
 
 def load_model(source: str) -> "LoadedModel":
@@ -27,7 +29,14 @@ def build_decoder(loaded: "LoadedModel", max_context: int, cache_dtype: str = "f
     from llmship.errors import ModelError
     from llmship.models.decoder import MobileDecoder
 
+    from llmship.errors import ConfigError
+
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[cache_dtype]
+    spec = loaded.spec
+    cache_bytes = 2 * spec.num_layers * spec.num_kv_heads * max_context * spec.head_dim * dtype.itemsize
+    if cache_bytes > MAX_CACHE_BYTES:
+        raise ConfigError(f"max_context {max_context}: the KV cache would take {cache_bytes / 2**30:.1f} GiB for this model "
+                          f"(limit {MAX_CACHE_BYTES / 2**30:.0f} GiB); choose a smaller max_context")
     decoder = MobileDecoder(loaded.spec, max_context, dtype)
     missing, unexpected = decoder.load_state_dict(weights if weights is not None else loaded.weights, strict=False, assign=True)
     if loaded.spec.tie_word_embeddings:

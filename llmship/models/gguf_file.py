@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from llmship.errors import ModelError
-from llmship.models.loaded import LoadedModel
+from llmship.models.loaded import LoadedModel, SourceBlocks
 from llmship.models.spec import SUPPORTED_ARCHITECTURES, spec_from_config
 from llmship.models.weights import check_weights
 
@@ -78,6 +78,35 @@ def gguf_config(reader) -> dict:
     }
 
 
+# GGUF block layouts llmship keeps as they are: bytes per block of 32 weights.
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+
+
+def read_blocks(t) -> SourceBlocks | None:
+    """The codes and scales of a Q4_0 / Q4_1 / Q8_0 tensor (rows = output channels), or None for other types."""
+    kind = t.tensor_type.name
+    if kind not in BLOCK_BYTES:
+        return None
+    rows = int(t.shape[-1])
+    blocks = np.asarray(t.data, dtype=np.uint8).reshape(-1, BLOCK_BYTES[kind])
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)[:, 0]
+    if kind == "Q8_0":
+        codes, m = blocks[:, 2:34].copy().view(np.int8), None
+    else:
+        first = 4 if kind == "Q4_1" else 2
+        qs = blocks[:, first:first + 16]
+        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.int8)  # low nibbles: the block's first half
+        m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)[:, 0] if kind == "Q4_1" else None
+    to = lambda a: torch.from_numpy(np.ascontiguousarray(a.reshape(rows, -1)))  # noqa: E731
+    return SourceBlocks(kind, 32, to(codes), to(d), None if m is None else to(m))
+
+
+def _permute_rows(blocks: SourceBlocks, n_head: int) -> SourceBlocks:
+    def rows(a):
+        return torch.from_numpy(np.ascontiguousarray(_unpermute(a.numpy(), n_head)))
+    return SourceBlocks(blocks.kind, blocks.block, rows(blocks.codes), rows(blocks.d), None if blocks.m is None else rows(blocks.m))
+
+
 def load_gguf(path: Path, source: str):
     import gguf
 
@@ -88,6 +117,7 @@ def load_gguf(path: Path, source: str):
     config = gguf_config(reader)
     spec = spec_from_config(config)
     weights: dict[str, torch.Tensor] = {}
+    kept: dict[str, SourceBlocks] = {}
     for t in reader.tensors:
         name = _hf_name(t.name)
         if name is None:
@@ -97,12 +127,19 @@ def load_gguf(path: Path, source: str):
         except Exception as exc:
             raise ModelError(f"cannot dequantize GGUF tensor {t.name} ({t.tensor_type.name}): {exc}") from None
         w = w.reshape([int(n) for n in reversed(t.shape)])
+        blocks = read_blocks(t) if w.ndim == 2 else None
         if spec.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            w = _unpermute(w, spec.num_heads if "q_proj" in name else spec.num_kv_heads)
+            heads = spec.num_heads if "q_proj" in name else spec.num_kv_heads
+            w = _unpermute(w, heads)
+            blocks = blocks and _permute_rows(blocks, heads)
         weights[name] = torch.from_numpy(np.array(w, dtype=np.float32))  # a copy: F32 tensors are read-only memmaps
+        if blocks is not None:
+            kept[name.removesuffix(".weight")] = blocks
     tokenizer = gguf_tokenizer(path)
     check_weights(spec, weights, source, tokenizer)
-    return LoadedModel(source, config, spec, weights, tokenizer, (path,))
+    if spec.tie_word_embeddings:
+        kept.pop("lm_head", None)
+    return LoadedModel(source, config, spec, weights, tokenizer, (path,), kept)
 
 
 def gguf_tokenizer(path: Path):

@@ -1,5 +1,9 @@
-"""The validate stage: run an artifact on its own runtime against the FP32 reference, measure it, assemble
-report.json and judge it with the gates.
+"""The validate stage: run an artifact on its own runtime, measure it, assemble report.json and judge it.
+
+The artifact is compared twice: `parity` against the FP32 reference (what the user gets, gated per recipe),
+and `conversion` against the compressed reference (the canonical model with the record's weights and the
+runtime's activation quantization, in PyTorch: is the converter right?, gated tight for every recipe). An
+artifact without quantized weights has the FP32 reference as its compressed reference.
 
 Order matters for the user: everything that can refuse the run (manifest, overrides, baseline, the runtime
 being installed, the reference model matching) is checked before the minutes of evaluation start.
@@ -59,6 +63,7 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
     if loaded.spec.vocab_size != manifest["model"]["vocab_size"] or loaded.spec.num_layers != manifest["model"]["num_layers"]:
         raise ConfigError(f"reference model {loaded.source} does not match the artifact {artifact_dir} (vocab or layers differ)")
     integrity = check_integrity(artifact_dir, manifest)
+    record = compressed_record(loaded, manifest, config, eval_text)
     runner = open_runner(artifact_dir, manifest, target.threads)  # a missing runtime stops here, before any evaluation
     try:
         say(f"{target.name}: reference {loaded.source}")
@@ -66,16 +71,22 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
         plan = ev.make_plan(reference, loaded.tokenizer, loaded.spec, target, config.evaluation, eval_text)
         ref_logits = ev.teacher_forced(reference, plan, "reference")
         ref_greedy = [ev.greedy(reference, p, plan.greedy_tokens, plan.chunk) for p in plan.prompts]
+        comp_logits, comp_greedy = ref_logits, ref_greedy
+        if record is not None:
+            from llmship.compress.reference import compressed_reference
+
+            compressed = ReferenceRunner.from_decoder(compressed_reference(loaded, record, target.max_context), threads=target.threads)
+            comp_logits = ev.teacher_forced(compressed, plan, "compressed reference")
+            comp_greedy = [ev.greedy(compressed, p, plan.greedy_tokens, plan.chunk) for p in plan.prompts]
         say(f"{target.name}: evaluating {len(plan.tokens)} tokens on {runner.executor}")
         logits = ev.teacher_forced(runner, plan, target.name)
         our_greedy = [ev.greedy(runner, p, plan.greedy_tokens, plan.chunk) for p in plan.prompts]
     finally:
         runner.close()
-    parity, series = ev.parity_metrics(logits, ref_logits, plan.tokens)
-    matched = sum(ev.greedy_match(o, r) for o, r in zip(our_greedy, ref_greedy)) if parity["finite"] else 0
-    total = sum(len(r) for r in ref_greedy)
-    parity.update(greedy_match=matched, greedy_total=total, greedy_fraction=matched / total if total else 0.0,
-                  ppl_ratio=parity["ppl"] / parity["ppl_reference"] if parity["ppl"] is not None else None)
+    parity, series = compare(logits, our_greedy, ref_logits, ref_greedy, plan)
+    conversion, conversion_series = compare(logits, our_greedy, comp_logits, comp_greedy, plan)
+    conversion["reference"] = "compressed (record digest %s)" % record.digest()[:12] if record is not None else "fp32 (no quantized weights)"
+    series["conversion_kl"] = conversion_series["kl"]
     say(f"{target.name}: latency and memory (separate process, {target.threads} threads)")
     with stage(f"{target.name}: timing"):
         timing = run_in_child(artifact_dir, target.threads, config.evaluation.latency_runs)
@@ -94,7 +105,11 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
         "artifact": {"bytes": total_bytes, "files": integrity["files"], "params": params, "bytes_per_param": total_bytes / params},
         "integrity": {"mismatched": integrity["mismatched"], "changed_by_validation": changed},
         "parity": parity,
-        "greedy": {"reference": ref_greedy, "artifact": our_greedy},
+        "conversion": conversion,
+        "compression": None if record is None else {
+            "algorithm": record.algorithm, "digest": record.digest(), "matrices": len(record.tensors),
+            "stored_bytes": sum(t.stored_bytes() for t in record.tensors.values()), "notes": record.notes},
+        "greedy": {"reference": ref_greedy, "artifact": our_greedy, "compressed_reference": comp_greedy},
         "series": series,
         "latency": {k: timing[k] for k in ("threads", "load_s", "ttft_ms", "ttft_ms_by_prefill_length", "prefill_tok_s",
                                             "decode_tok_s", "decode_ms_p50", "decode_ms_p90")},
@@ -107,6 +122,28 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
     if not report["passed"]:
         say(failure_message(target.name, report["gates"]), err=True)
     return report
+
+
+def compressed_record(loaded, manifest: dict, config, eval_text: str | None):
+    """The record the artifact was built from, or None for an artifact without quantized weights."""
+    compression = manifest.get("compression")
+    if not compression:
+        return None
+    from llmship.compress import rebuild_record
+
+    return rebuild_record(loaded, compression, config.calibration, config.evaluation, eval_text)
+
+
+def compare(logits, greedy, ref_logits, ref_greedy, plan) -> tuple[dict, dict]:
+    """Parity metrics of an artifact's teacher-forced logits and greedy tokens against one reference."""
+    from llmship.validation import evaluate as ev
+
+    metrics, series = ev.parity_metrics(logits, ref_logits, plan.tokens)
+    matched = sum(ev.greedy_match(o, r) for o, r in zip(greedy, ref_greedy)) if metrics["finite"] else 0
+    total = sum(len(r) for r in ref_greedy)
+    metrics.update(greedy_match=matched, greedy_total=total, greedy_fraction=matched / total if total else 0.0,
+                   ppl_ratio=metrics["ppl"] / metrics["ppl_reference"] if metrics["ppl"] is not None else None)
+    return metrics, series
 
 
 def write_report(artifact_dir: Path, report: dict) -> None:
@@ -124,7 +161,9 @@ def _num(v, fmt: str) -> str:
 
 def summary(r: dict) -> None:
     p, lat = r["parity"], r["latency"]
+    c = r.get("conversion") or p
     say(f"{r['target']}: {'PASS' if r['passed'] else 'FAIL'}  top1 {p['top1_agreement']:.4f}  KL {_num(p['kl_mean'], '.3g')}  "
+        f"(conversion KL {_num(c['kl_mean'], '.3g')}, top1 {c['top1_agreement']:.4f})  "
         f"ppl {_num(p['ppl'], '.4g')}/{p['ppl_reference']:.4g}  greedy {p['greedy_match']}/{p['greedy_total']}  "
         f"{r['artifact']['bytes'] / 1e6:.2f} MB ({r['artifact']['bytes_per_param']:.3f} B/param)  "
         f"decode {lat['decode_tok_s']:.1f} tok/s  ttft {lat['ttft_ms']:.1f} ms  rss {r['memory']['peak_rss_mb']:.0f} MB")

@@ -76,6 +76,22 @@ def test_a_target_both_platforms_share_is_built_once(tmp_path):
     assert again.returncode == 0 and "exporting" in again.stdout and "copied" not in again.stdout
 
 
+def test_a_symlink_planted_in_one_platforms_artifact_is_never_copied_into_the_other(tmp_path):
+    cfg, out = write_config(tmp_path), tmp_path / "out"
+    assert llmship("build", cfg, "--platform", "android", "--out", out).returncode == 0
+    android_dir = out / "android" / "assets" / "llmship" / "tiny" / "pytorch-fp32"
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the app bundle")
+    (android_dir / "tokenizer.json").unlink()
+    (android_dir / "tokenizer.json").symlink_to(secret)
+    ios = llmship("build", cfg, "--platform", "ios", "--out", out)
+    assert ios.returncode == 0, ios.stderr
+    assert "copied" not in ios.stdout and "exporting" in ios.stdout  # not up to date: rebuilt from the source
+    ios_dir = out / "ios" / "Resources" / "llmship" / "tiny" / "pytorch-fp32"
+    assert not any(p.is_symlink() for p in ios_dir.rglob("*"))
+    assert "not for the app bundle" not in (ios_dir / "tokenizer.json").read_text()
+
+
 def test_xcode_build_phase_copies_artifacts_into_the_bundle(tmp_path):
     srcroot = tmp_path / "App"
     srcroot.mkdir()
@@ -125,3 +141,27 @@ def test_matrix_split_validate_and_merge_into_one_verdict(tmp_path):
     verdict = json.loads((tmp_path / "gate" / "verdict.json").read_text())
     assert verdict["passed"] is False and len(verdict["jobs"]) == 2
     assert (tmp_path / "gate" / "report.html").is_file() and (tmp_path / "gate" / "junit.xml").is_file()
+
+
+def _lint(tool: str, path: Path):
+    exe = Path(sys.executable).with_name(tool)
+    assert exe.is_file(), f"{tool} is not installed in the environment (make test installs it: pyproject dev extras)"
+    return subprocess.run([str(exe), str(path)], capture_output=True, text=True)
+
+
+def test_the_release_gate_workflow_passes_actionlint(tmp_path):
+    workflow = ROOT / ".github" / "workflows" / "release-gate.yml"
+    proc = _lint("actionlint", workflow)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    broken = tmp_path / "broken.yml"  # the linter is really looking: an undefined step output is caught
+    broken.write_text(workflow.read_text().replace("${{", "${{ steps.nonexistent.outputs.x }}${{", 1))
+    assert _lint("actionlint", broken).returncode != 0
+
+
+def test_the_xcode_build_phase_passes_shellcheck(tmp_path):
+    script = ROOT / "integrations" / "ios" / "llmship-build-phase.sh"
+    proc = _lint("shellcheck", script)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    broken = tmp_path / "broken.sh"
+    broken.write_text(script.read_text() + '\ncp $SRCROOT/x $TARGET_BUILD_DIR\n')  # unquoted expansions: SC2086
+    assert "SC2086" in _lint("shellcheck", broken).stdout

@@ -25,9 +25,11 @@ pytestmark = pytest.mark.onnx
 
 
 def profile(name: str, **recipe):
+    from llmship.config import Recipe
+
     base = get_profile(name)
     return base.model_copy(update={"max_context": MAX_CONTEXT, "prefill_lengths": (16, 32),
-                                   "recipe": base.recipe.model_copy(update=recipe)})
+                                   "recipe": Recipe.model_validate({**base.recipe.model_dump(), **recipe})})
 
 
 @pytest.fixture(scope="module")
@@ -272,43 +274,51 @@ def test_quantized_graph_is_exact_on_grid_weights(tiny, artifacts, model, target
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() == 1.0
 
 
-def test_float_zero_points_split_into_integer_kernel_and_correction():
-    """HQQ's float zero points, moved into an integer MatMulNBits plus a block-sum correction, give the
-    same product (K = 80 is not a whole number of blocks, so the padded path is covered too)."""
+def test_the_records_blocks_are_what_onnx_runtime_multiplies_by():
+    """A record's 4-bit blocks with float zero points written as MatMulNBits: ONNX Runtime computes x @ W^T with
+    exactly the record's dequantized W, before and after the zero points are split into an integer kernel and a
+    block-sum correction (K = 80 is not a whole number of blocks, so the padded path is covered too)."""
     import onnx_ir as ir
     import onnxruntime as ort
+    import torch
     from onnx import TensorProto, helper, numpy_helper
 
-    from llmship.exporters.onnx import _nbits, integer_zero_points
+    from llmship.compress.grids import asymmetric
+    from llmship.compress.record import QuantizedTensor
+    from llmship.exporters import onnx_weights as ow
+    from llmship.exporters.onnx import _adder
 
     rng = np.random.default_rng(0)
     k, n = 80, 24
-    weight = (rng.standard_normal((k, n)) + 0.3).astype(np.float32)  # off-centre, so zero points are fractional
+    weight = (rng.standard_normal((n, k)) + 0.3).astype(np.float32)  # off-centre, so zero points are fractional
+    grid = asymmetric(4, 32, zero_point="float")
+    t = QuantizedTensor("linear", grid, *grid.rtn(torch.from_numpy(weight)))
     proto = helper.make_model(
-        helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="linear")], "g",
+        helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="linear/MatMul")], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, k])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, n])],
-                          [numpy_helper.from_array(weight, "w")]),
+                          [numpy_helper.from_array(weight.T.copy(), "w")]),
         opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
     x = rng.standard_normal((1, 3, k)).astype(np.float32)
 
     def run(model):
         return ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
-    model = ir.from_proto(_nbits(proto, {"linear"}, 4, 32, hqq=True))
-    float_zero = model.graph.initializers["w_zero_points"].const_value.numpy()
-    assert float_zero.dtype == np.float32 and np.abs(float_zero - np.round(float_zero)).max() > 0.1
+    model = ir.from_proto(proto)
+    ow.matmul_nbits(model, next(iter(model.graph)), t, accuracy_level=0)
+    assert np.abs(t.zero.numpy() - np.round(t.zero.numpy())).max() > 0.1
     before = run(model)
-    assert integer_zero_points(model) == 1
-    assert model.graph.initializers["w_zero_points"].const_value.numpy().dtype == np.uint8
-    assert np.abs(run(model) - before).max() < 1e-4 * np.abs(before).max()
-    assert np.abs(before - x @ weight).max() < 0.2 * np.abs(before).max()  # and it is a 4-bit x @ w
+    expected = x @ t.dequantize().numpy().T
+    assert np.abs(before - expected).max() < 1e-5 * np.abs(expected).max()
+    assert ow.integer_zero_points(model, _adder) == 1
+    assert next(v for v in model.graph.initializers.values() if v.name.endswith("zero_points")).const_value.numpy().dtype == np.uint8
+    assert np.abs(run(model) - expected).max() < 1e-4 * np.abs(expected).max()
 
 
 @pytest.mark.parametrize("recipe, message", [
-    ({"weights": "fp16"}, "recipe.weights fp16"),
+    ({"weights": "fp16", "group_size": None}, "recipe.weights fp16"),
     ({"weights": "int8", "activations": "fp32", "group_size": None}, "set recipe.activations: int8"),
-    ({"weights": "int8", "embedding": "int4"}, "recipe.embedding int4"),
+    ({"weights": "int8", "rules": [{"match": "down_proj", "group_size": 48}]}, r"recipe.rules\[0\].group_size 48"),
     ({"weights": "int4", "group_size": 48}, "MatMulNBits"),
 ])
 def test_recipes_onnx_cannot_do_are_config_errors(tiny, tmp_path, recipe, message):
@@ -357,3 +367,23 @@ def test_runner_calls_the_graph_by_the_names_its_manifest_gives(tiny, artifacts,
     a = OnnxRunner(source, read_manifest(source), threads=1).prefill(ids, 0)
     b = OnnxRunner(renamed, read_manifest(renamed), threads=1).prefill(ids, 0)
     assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("with_ids", [True, False], ids=["bos-eos", "no-bos-eos"])
+@pytest.mark.parametrize("family", sorted(__import__("tests.helpers", fromlist=["FAMILY_CONFIGS"]).FAMILY_CONFIGS))
+def test_every_family_loads_in_genai_and_generates_the_reference_tokens(family, with_ids, tmp_path):
+    """The folder is an onnxruntime-genai model for every family, also when the config names no BOS/EOS
+    (Qwen2/Qwen3-style configs): genai needs a number for bos_token_id."""
+    import dataclasses
+
+    from tests.helpers import hf_model, loaded_from_hf
+
+    loaded = loaded_from_hf(hf_model(family))
+    if not with_ids:
+        config = {k: v for k, v in loaded.config.items() if k not in ("bos_token_id", "eos_token_id")}
+        loaded = dataclasses.replace(loaded, config=config, spec=dataclasses.replace(loaded.spec, bos_token_id=None, eos_token_ids=()))
+    target = get_profile("onnx-fp32").model_copy(update={"max_context": 64, "prefill_lengths": (16,)})
+    artifact = export_artifact(loaded, target, tmp_path / "a")
+    reference = ReferenceRunner.from_decoder(build_decoder(loaded, 64))
+    prompt = [5, 17, 33, 8, 21]
+    assert genai_greedy(artifact, prompt, 24) == greedy(reference, prompt, 24, chunk=len(prompt))
