@@ -76,6 +76,9 @@ class Gates(Strict):
     conversion_kl_mean_max: float | None = Field(default=None, ge=0)
     conversion_kl_p99_max: float | None = Field(default=None, ge=0)
     conversion_top1_agreement_min: float | None = Field(default=None, ge=0, le=1)
+    # For recipes that quantize activations at run time: conversion KL / the noise floor (what kernel-rounding-sized
+    # differences alone produce through the dynamic quantization; see llmship/compress/reference.py).
+    conversion_floor_ratio_max: float | None = Field(default=None, gt=0)
     bytes_per_param_max: float | None = Field(default=None, gt=0)
     size_bytes_max: int | None = Field(default=None, gt=0)
     decode_tok_s_min: float | None = Field(default=None, gt=0)

@@ -73,12 +73,37 @@ def compression_record(loaded, target, module, config, eval_text: str | None = N
 
     if not hasattr(module, "weight_plan"):  # an exporter that still quantizes with its own converter
         return None
+    if target.recipe.algorithm == "source":
+        target = with_source_grids(loaded, target, module)
     grids, activations = module.weight_plan(target, loaded.spec)
     grids = {name: g for name, g in grids.items() if g is not None}
     if not grids:
         return None
     with stage(f"{target.name}: compressing ({target.recipe.algorithm})"):
         return build_record(loaded, grids, activations, target.recipe.algorithm, config.calibration, config.evaluation, eval_text)
+
+
+def with_source_grids(loaded, target, module):
+    """For `algorithm: source`: the target with one more rule per kind of block the source stores (its bits and
+    block size, Q4_1 asymmetric), each kept only where this runtime can hold it (its `check` accepts it)."""
+    from llmship.config import Recipe, Rule
+    from llmship.errors import ConfigError
+
+    kinds: dict[str, list[str]] = {}
+    for name, blocks in loaded.source_blocks.items():
+        kinds.setdefault(blocks.kind, []).append(name)
+    rules = list(target.recipe.rules)
+    for kind, names in sorted(kinds.items()):
+        rule = Rule(match="^(" + "|".join(n.replace(".", r"\.") for n in sorted(names)) + ")$",
+                    weights="int8" if kind == "Q8_0" else "int4", group_size=32, symmetric=kind != "Q4_1")
+        candidate = target.model_copy(update={"recipe": target.recipe.model_copy(update={"rules": (*rules, rule)})})
+        try:
+            module.check(candidate, loaded.spec)
+        except ConfigError:
+            continue  # the runtime cannot hold this kind of block: the recipe's grid, and the record notes why
+        rules.append(rule)
+    return target.model_copy(update={"recipe": Recipe.model_validate({**target.recipe.model_dump(), "rules": [
+        r.model_dump(exclude_unset=True) for r in rules]})})
 
 
 def compression_manifest(record, config) -> dict | None:
@@ -116,7 +141,8 @@ def export_artifact(loaded, target, out_dir: str | Path, debug: bool = False, in
     with hush():
         module = exporter(target.format)
     check_target(target, loaded.spec)
-    record = compression_record(loaded, target, module, config)
+    with hush():
+        record = compression_record(loaded, target, module, config)
     decoder = build_decoder(loaded, target.max_context, target.kv_cache_dtype,
                             weights=record.dequantized_weights(loaded.weights) if record else None)
     with atomic_directory(out_dir) as tmp:

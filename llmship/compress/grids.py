@@ -33,6 +33,9 @@ class Grid:
     zero_point: str | None = None  # None (symmetric) | "int" | "float"
     zero_dtype: str = "fp32"  # storage of a float zero point
     min_scale: float = 0.0  # smallest scale the runtime accepts (e.g. the smallest normal fp16)
+    # A palette (k-means lookup table) instead of an affine grid: codes index a 2^bits-entry table shared by
+    # `group_size` consecutive output channels; the record keeps the tables where affine grids keep scales.
+    palette: bool = False
 
     def __post_init__(self):
         if self.symmetric != (self.zero_point is None):
@@ -110,6 +113,9 @@ class Grid:
         return torch.clamp(torch.round(x), self.qmin, self.qmax).to(torch.int16)
 
     def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+        if self.palette:  # scale holds the tables [N / group_size, 2^bits]
+            rows = torch.arange(codes.shape[0]) // self.group_size
+            return scale.float()[rows[:, None], codes.long()]
         k = codes.shape[-1]
         x = codes.float()
         if zero is not None:
@@ -117,7 +123,11 @@ class Grid:
         return x * self._expand(scale, k)
 
     def rtn(self, w: torch.Tensor, search: str = "minmax"):
-        """(codes, scale, zero) of w by round-to-nearest."""
+        """(codes, scale, zero) of w by round-to-nearest (for a palette: k-means tables and nearest entries)."""
+        if self.palette:
+            from llmship.compress.palette import kmeans
+
+            return kmeans(w, self)
         scale, zero = self.fit(w, search)
         return self.quantize(w, scale, zero), scale, zero
 
@@ -131,3 +141,8 @@ def symmetric(bits: int, group_size: int | None, scale_dtype: str = "fp32", full
 def asymmetric(bits: int, group_size: int | None, scale_dtype: str = "fp32", zero_point: str = "int", zero_dtype: str = "fp32") -> Grid:
     """An unsigned grid with a zero point per group: codes 0..2^b-1."""
     return Grid(bits, group_size, False, 0, 2 ** bits - 1, scale_dtype, zero_point, zero_dtype)
+
+
+def palette(bits: int, rows_per_table: int, table_dtype: str = "fp16") -> Grid:
+    """A 2^bits-entry lookup table per `rows_per_table` output channels (Core ML's per-grouped-channel palettes)."""
+    return Grid(bits, rows_per_table, True, 0, 2 ** bits - 1, table_dtype, None, palette=True)

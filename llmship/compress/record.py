@@ -41,10 +41,11 @@ class QuantizedTensor:
     def stored_bytes(self) -> int:
         """Bytes a runtime stores for it: codes at `bits` each, plus scales and zero points."""
         n, k = self.shape
-        groups = self.scale.numel()
+        groups = self.scale.numel() // (2 ** self.grid.bits if self.grid.palette else 1)
         scale_bytes = {"fp32": 4, "fp16": 2, "bf16": 2}[self.grid.scale_dtype]
         zero_bytes = 0 if self.zero is None else (self.grid.bits / 8 if self.grid.zero_point == "int" else 2)
-        return int(n * k * self.grid.bits / 8 + groups * (scale_bytes + zero_bytes))
+        per_group = scale_bytes * 2 ** self.grid.bits if self.grid.palette else scale_bytes + zero_bytes
+        return int(n * k * self.grid.bits / 8 + groups * per_group)
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,11 @@ def fits(blocks, grid: Grid) -> str | None:
     bits = 8 if blocks.kind == "Q8_0" else 4
     if grid.bits != bits or grid.group_size != blocks.block:
         return f"{blocks.kind} is {bits}-bit in blocks of {blocks.block}; the runtime's grid is {grid.bits}-bit in groups of {grid.group_size}"
-    if "fp16" not in EXACT_IN[grid.scale_dtype] and not _representable(blocks.d, grid.scale_dtype):
-        return f"the runtime stores scales as {grid.scale_dtype}, which cannot hold {blocks.kind}'s fp16 block scales"
     if blocks.kind == "Q4_1" and grid.zero_point != "float":
         return ("Q4_1 blocks have a minimum offset, which needs a float zero point; the runtime's 4-bit grid is "
                 + ("symmetric" if grid.symmetric else "integer-zero-point"))
+    if "fp16" not in EXACT_IN[grid.scale_dtype] and not _representable(blocks.d, grid.scale_dtype):
+        return f"the runtime stores scales as {grid.scale_dtype}, which cannot hold {blocks.kind}'s fp16 block scales"
     if blocks.kind in ("Q4_0", "Q8_0") and grid.symmetric and grid.qmin > (-8 if bits == 4 else -127):
         return f"the runtime's symmetric grid [{grid.qmin}, {grid.qmax}] does not reach {blocks.kind}'s codes"
     return None

@@ -27,6 +27,8 @@ from pathlib import Path
 
 from llmship.errors import ConfigError
 from llmship.exporters import ExportJob, ExportResult, tensor_spec
+from llmship.exporters import coreml_weights as cw
+from llmship.exporters.coreml_weights import weight_plan  # noqa: F401  (the registry's entry point)
 
 PACKAGE = "model.mlpackage"
 FUNCTIONS = ("prefill", "decode")
@@ -59,59 +61,36 @@ def check(target, spec=None) -> None:
         raise ConfigError(f"{name}: recipe.symmetric has no meaning for {recipe.weights} weights")
 
 
-def optimization_config(recipe, keep_fp16: tuple[str, ...], luts: dict):
-    """The coremltools.optimize.coreml config for the recipe's weights, or None for fp16/fp32 weights.
-    `luts` carries pal4's k-means results from one function's compression to the next."""
-    import functools
-
+def palettize(mlmodel, record, tied: bool):
+    """The record's palettes through coremltools' palettizer, with tables it only reads back (coreml_weights.table_lut);
+    every other const is left as it is."""
     import coremltools.optimize.coreml as cto
 
-    if recipe.weights in ("fp16", "fp32", "int4"):  # int4: int4_block_minmax, a pass inside the conversion
-        return None
-    if recipe.weights == "int8":
-        op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel") \
-            if recipe.group_size is None else \
-            cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_block", block_size=recipe.group_size)
-    else:  # pal4: a 16-entry lookup table per group of output channels, clustered by k-means
-        op = cto.OpPalettizerConfig(mode="custom", lut_function=functools.partial(kmeans_lut, cache=luts),
-                                    granularity="per_grouped_channel", group_size=recipe.group_size or 16)
-    return cto.OptimizationConfig(global_config=op, op_name_configs={name: None for name in keep_fp16})
-
-
-def kmeans_lut(group, cache: dict):
-    """The 16-entry table and 4-bit indices of one channel group, by coremltools' own k-means (what
-    palettize_weights' mode="kmeans" runs), computed once per export for each distinct group.
-
-    The two functions hold the same weights, and coremltools.optimize refuses a multifunction model, so
-    each function is compressed on its own; with mode="kmeans" every group would be clustered twice
-    (SmolLM2: 12,800 groups a function, up to 36 ms each). Through this custom LUT function the second
-    function's groups come from the first's results, and both functions store identical tables, which
-    save_multifunction then keeps once.
-
-    Not coremltools' exact 1-D k-means (kmeans1d, 2.7x faster a group, lower weight error): measured in
-    the KL that validation gates, it was worse on both models (stories260K 0.094 vs 0.071; SmolLM2,
-    simulated, 3.23 vs 3.03).
-    """
-    import hashlib
-
-    from coremltools.models.neural_network.quantization_utils import _get_kmeans_lookup_table_and_weight
-
-    key = hashlib.sha256(group.dtype.str.encode() + str(group.shape).encode() + group.tobytes()).digest()
-    if key not in cache:
-        lut, indices = _get_kmeans_lookup_table_and_weight(4, group)
-        cache[key] = (lut.reshape(16).astype(group.dtype), indices.astype("uint8"))
-    return cache[key]
-
-
-def compress(mlmodel, recipe, spec, luts: dict):
-    import coremltools.optimize.coreml as cto
-
-    config = optimization_config(recipe, fp16_consts(mlmodel, recipe, spec), luts)
-    if config is None:
+    palettes = {n.replace(".", "_"): t for n, t in (record.tensors.items() if record else ()) if t.grid.palette}
+    if not palettes:
         return mlmodel
-    if recipe.weights == "pal4":
-        return cto.palettize_weights(mlmodel, config)
-    return cto.linear_quantize_weights(mlmodel, config)
+    func = mlmodel._mil_program.functions["main"]
+    configs = {}
+    for op in func.find_ops(op_type="const"):
+        t = palettes.get(cw.const_module(op.name, tied))
+        if t is not None:
+            configs[op.name] = cto.OpPalettizerConfig(mode="custom", lut_function=cw.table_lut, granularity="per_grouped_channel",
+                                                      group_size=t.grid.group_size)
+    missing = set(palettes) - {cw.const_module(n, tied) for n in configs}
+    if missing:
+        raise RuntimeError(f"the converted program has no weight const for {sorted(missing)[:3]}")
+    return cto.palettize_weights(mlmodel, cto.OptimizationConfig(global_config=None, op_name_configs=configs))
+
+
+def covered(mlmodel, record, tied: bool) -> None:
+    """Every affine record tensor became a constexpr_blockwise_shift_scale: none was left in float by mistake."""
+    if record is None:
+        return
+    func = mlmodel._mil_program.functions["main"]
+    done = {cw.const_module(op.name.rsplit("_q", 1)[0], tied) for op in func.find_ops(op_type="constexpr_blockwise_shift_scale")}
+    wanted = {n.replace(".", "_") for n, t in record.tensors.items() if not t.grid.palette}
+    if wanted - done:
+        raise RuntimeError(f"record tensors not written into the program: {sorted(wanted - done)[:3]}")
 
 
 def fp16_consts(mlmodel, recipe, spec) -> tuple[str, ...]:
@@ -137,62 +116,6 @@ def compressible_consts(func, spec, embedding_fp16: bool) -> set[str]:
     embedding = {const_input(op, "x") for op in func.find_ops(op_type="gather")
                  if tuple(op.inputs["x"].shape) == (spec.vocab_size, spec.hidden_size)}
     return (weights | embedding) - (embedding if embedding_fp16 else set()) - {None}
-
-
-def int4_block_minmax(w, block: int):
-    """Asymmetric 4-bit quantization per block of `block` input channels, with fp16 scale AND fp16 offset:
-    w ~= scale * (q - offset), q in 0..15, scale = (max - min) / 15, offset = -min / scale.
-
-    Why not coremltools' int4 (linear_quantize_weights): its symmetric mode spends a level on each side of 0,
-    and its asymmetric mode widens every block's range to include 0 and rounds the offset to an integer.
-    Weights already on a 4-bit grid (SmolLM2's GGUF: Q4_1, min + d * q per block of 32) then land between
-    grid points; simulated on SmolLM2 that costs KL 0.53-0.56 against the reference, while min/max with an
-    fp16 offset reproduces the grid (KL 1e-5). The Core ML op, constexpr_blockwise_shift_scale, takes an
-    fp16 offset as it is (iOS 18).
-    """
-    import numpy as np
-
-    out_ch, in_ch = w.shape
-    blocks = w.astype(np.float32).reshape(out_ch, in_ch // block, block)
-    lo, hi = blocks.min(-1), blocks.max(-1)
-    scale = np.where(hi > lo, (hi - lo) / 15, 1.0).astype(np.float16)
-    offset = (-lo / scale.astype(np.float32)).astype(np.float16)
-    q = np.rint(blocks / scale.astype(np.float32)[..., None] + offset.astype(np.float32)[..., None])
-    return np.clip(q, 0, 15).astype(np.uint8).reshape(out_ch, in_ch), scale, offset
-
-
-def register_int4_pass() -> str:
-    """Register (once) the graph pass that replaces compressible consts by int4 blocks; returns its name."""
-    from coremltools.converters.mil import Builder as mb
-    from coremltools.converters.mil.mil import types
-    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
-    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY, register_pass
-
-    name = "llmship::int4_block_minmax"
-    if name in PASS_REGISTRY:
-        return name
-
-    @register_pass(namespace="llmship")
-    class int4_block_minmax_pass(AbstractGraphPass):  # noqa: N801 (coremltools names passes in snake case)
-        def __init__(self):
-            self.block_size, self.spec, self.embedding_fp16 = 32, None, False
-
-        def apply(self, prog):
-            for func in prog.functions.values():
-                names = compressible_consts(func, self.spec, self.embedding_fp16)
-                with func:
-                    for op in list(func.find_ops(op_type="const")):
-                        w = op.outputs[0].val
-                        if op.name not in names or w.ndim != 2 or w.shape[1] % self.block_size:
-                            continue  # a matrix whose input width is not a multiple of the block stays fp16
-                        q, scale, offset = int4_block_minmax(w, self.block_size)
-                        new = mb.constexpr_blockwise_shift_scale(data=q.astype(types.np_uint4_dtype), scale=scale.astype(w.dtype),
-                                                                 offset=offset, before_op=op, name=op.name + "_int4")
-                        func.replace_uses_of_var_after_op(anchor_op=new.op, old_var=op.outputs[0], new_var=new)
-                        func.remove_ops([op])
-
-    PASS_REGISTRY.add("llmship", int4_block_minmax_pass, True, "int4_block_minmax")
-    return name
 
 
 def register_index_copy() -> None:
@@ -225,7 +148,7 @@ def runs_in_fp16(op) -> bool:
     return not (op.op_type in ("add", "mul") and producers & {"reduce_mean", "rsqrt"})
 
 
-def convert_function(program, length, max_prefill: int, recipe, spec):
+def convert_function(program, length, max_prefill: int, recipe, record=None, tied: bool = False):
     """One entry point as a single-function ML program: tokens [1, length], input_pos [1] -> logits."""
     import coremltools as ct
     import numpy as np
@@ -233,10 +156,10 @@ def convert_function(program, length, max_prefill: int, recipe, spec):
     precision = recipe.compute
     tokens_shape = (1, ct.RangeDim(1, max_prefill, default=1, symbol="T")) if length is None else (1, length)
     pipeline = ct.PassPipeline.DEFAULT
-    if recipe.weights == "int4":  # last in the pipeline: after fp16 casting and const folding
-        name = register_int4_pass()
+    if record is not None and any(not t.grid.palette for t in record.tensors.values()):
+        name = cw.register_record_pass()  # last in the pipeline: after fp16 casting and const folding
         pipeline.append_pass(name)
-        pipeline.set_options(name, {"block_size": recipe.group_size or 32, "spec": spec, "embedding_fp16": recipe.embedding == "fp16"})
+        pipeline.set_options(name, {"record": record, "tied": tied})
     return ct.convert(
         program.run_decompositions({}),
         inputs=[ct.TensorType(name="tokens", shape=tokens_shape, dtype=np.int32),
@@ -260,11 +183,12 @@ def export(job: ExportJob) -> ExportResult:
     programs = export_stateful(job.decoder, max_prefill)
     programs.setdefault("prefill", programs["decode"])  # max_prefill == 1: both functions take one token
     with tempfile.TemporaryDirectory(dir=job.out_dir) as tmp:
-        descriptor, luts = ct.utils.MultiFunctionDescriptor(), {}
+        descriptor, tied = ct.utils.MultiFunctionDescriptor(), job.loaded.spec.tie_word_embeddings
         for name in FUNCTIONS:
             length = None if name == "prefill" and max_prefill > 1 else 1
-            mlmodel = convert_function(programs[name], length, max_prefill, recipe, job.loaded.spec)
-            mlmodel = compress(mlmodel, recipe, job.loaded.spec, luts)
+            mlmodel = convert_function(programs[name], length, max_prefill, recipe, job.record, tied)
+            covered(mlmodel, job.record, tied)
+            mlmodel = palettize(mlmodel, job.record, tied)
             path = Path(tmp) / f"{name}.mlpackage"
             mlmodel.save(str(path))
             descriptor.add_function(str(path), src_function_name="main", target_function_name=name)

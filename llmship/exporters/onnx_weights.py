@@ -57,8 +57,11 @@ def weight_plan(target, spec) -> tuple[dict[str, Grid | None], dict[str, dict]]:
             continue
         if grid.group_size is None:
             activations[name] = {"scheme": "uint8_per_tensor_asymmetric"}
+        elif int8_compute:
+            # float zero points run as an integer kernel plus an fp32 correction that sees the unquantized input
+            activations[name] = {"scheme": "int8_per_block_symmetric", "block": "group", "split_float_zero": grid.zero_point == "float"}
         else:
-            activations[name] = {"scheme": "int8_per_block_symmetric", "block": "group"} if int8_compute else {"scheme": "none"}
+            activations[name] = {"scheme": "none"}
     return grids, activations
 
 

@@ -15,6 +15,7 @@ PARITY_GATES = {
     "conversion_kl_mean_max": ("conversion.kl_mean", "max"),
     "conversion_kl_p99_max": ("conversion.kl_p99", "max"),
     "conversion_top1_agreement_min": ("conversion.top1_agreement", "min"),
+    "conversion_floor_ratio_max": ("conversion.floor_ratio", "max"),
     "bytes_per_param_max": ("artifact.bytes_per_param", "max"),
     "size_bytes_max": ("artifact.bytes", "max"),
     "decode_tok_s_min": ("latency.decode_tok_s", "min"),

@@ -40,8 +40,10 @@ def measure_latency(artifact_dir: Path, threads: int, decode_steps: int) -> dict
             times.append(time.perf_counter() - t0)
         ttft[str(length)] = 1000 * float(np.median(times))
     longest = max(manifest["prefill_lengths"])
-    steps = min(decode_steps, manifest["max_context"] - longest - WARMUP_STEPS)
-    token, pos, step_ms = int(rng.integers(3, vocab)), longest, []
+    # decode after the longest prompt, or from an earlier position when the cache has no room left after it
+    start = longest if manifest["max_context"] - longest > WARMUP_STEPS else 0
+    steps = max(1, min(decode_steps, manifest["max_context"] - start - WARMUP_STEPS))
+    token, pos, step_ms = int(rng.integers(3, vocab)), start, []
     for i in range(WARMUP_STEPS + steps):
         t0 = time.perf_counter()
         token = int(np.argmax(runner.decode(token, pos)))

@@ -109,21 +109,27 @@ def _rows(reports: list[dict]) -> list[list[str]]:
     rows = []
     for r in reports:
         p, lat, a = r["parity"], r["latency"], r["artifact"]
+        c = r.get("conversion") or {}  # reports written before the conversion check have none
         failed = [str(g["name"]) for g in r["gates"] if not g["passed"]]
         rows.append([str(r["target"]), "PASS" if r["passed"] else "FAIL: " + ", ".join(failed), f"{a['bytes'] / 1e6:.2f}",
                      f"{a['bytes_per_param']:.3f}", f"{p['top1_agreement']:.4f}", _fmt(p["kl_mean"]), _fmt(p["kl_p99"]),
+                     _fmt(c.get("kl_mean")), _fmt(c.get("top1_agreement")),
                      _ratio(p["ppl"], p["ppl_reference"]), f"{p['greedy_match']}/{p['greedy_total']}", _fmt(p["max_abs_err"]),
                      f"{lat['decode_tok_s']:.1f}", f"{lat['ttft_ms']:.1f}", f"{r['memory']['peak_rss_mb']:.0f}", str(r["executor"])])
     return rows
 
 
-HEADER = ["target", "verdict", "MB", "B/param", "top-1", "KL mean", "KL p99", "ppl ratio", "greedy", "max |err|",
+HEADER = ["target", "verdict", "MB", "B/param", "top-1", "KL mean", "KL p99", "conversion KL", "conversion top-1",
+          "ppl ratio", "greedy", "max |err|",
           "decode tok/s", "TTFT ms", "RSS MB", "executor"]
 
 
 def markdown(reports: list[dict]) -> str:
     verdict = "PASS" if all(r["passed"] for r in reports) else "FAIL"
     lines = [f"# llmship validation: {verdict}", "", f"Source: {reports[0]['source']}", "",
+             "Parity (top-1, KL, perplexity, greedy) compares each artifact with the FP32 reference: what the user gets. "
+             "Conversion compares it with the compressed reference (the recipe's own weights and activation quantization "
+             "in PyTorch): what the converter added.", "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(reports)]
     notes = [f"- **{r['target']}**: {r['executor_note']}" for r in reports if r.get("executor_note")]
@@ -232,6 +238,8 @@ th {{ background: #f3f3f3; }} td.fail, li.fail {{ color: #b00020; font-weight: b
 <h1>llmship validation report</h1>
 <p class="verdict" id="verdict">{"PASS" if ok else "FAIL"}: {sum(r["passed"] for r in reports)}/{len(reports)} targets passed</p>
 <p>Source: {html.escape(str(reports[0]["source"]))}</p>
+<p>Parity compares each artifact with the FP32 reference (what the user gets); conversion compares it with the
+compressed reference, the recipe's own weights and activation quantization in PyTorch (what the converter added).</p>
 <table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>
 {notes}
 <h2>Plots</h2><div class="plots">{plot_size_vs_kl(reports)}{plot_decode_speed(reports)}{plot_error_along_sequence(reports)}</div>

@@ -71,13 +71,14 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
         plan = ev.make_plan(reference, loaded.tokenizer, loaded.spec, target, config.evaluation, eval_text)
         ref_logits = ev.teacher_forced(reference, plan, "reference")
         ref_greedy = [ev.greedy(reference, p, plan.greedy_tokens, plan.chunk) for p in plan.prompts]
-        comp_logits, comp_greedy = ref_logits, ref_greedy
+        comp_logits, comp_greedy, floor = ref_logits, ref_greedy, None
         if record is not None:
             from llmship.compress.reference import compressed_reference
 
             compressed = ReferenceRunner.from_decoder(compressed_reference(loaded, record, target.max_context), threads=target.threads)
             comp_logits = ev.teacher_forced(compressed, plan, "compressed reference")
             comp_greedy = [ev.greedy(compressed, p, plan.greedy_tokens, plan.chunk) for p in plan.prompts]
+            floor = noise_floor(loaded, record, target, plan, comp_logits)
         say(f"{target.name}: evaluating {len(plan.tokens)} tokens on {runner.executor}")
         logits = ev.teacher_forced(runner, plan, target.name)
         our_greedy = [ev.greedy(runner, p, plan.greedy_tokens, plan.chunk) for p in plan.prompts]
@@ -86,6 +87,9 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
     parity, series = compare(logits, our_greedy, ref_logits, ref_greedy, plan)
     conversion, conversion_series = compare(logits, our_greedy, comp_logits, comp_greedy, plan)
     conversion["reference"] = "compressed (record digest %s)" % record.digest()[:12] if record is not None else "fp32 (no quantized weights)"
+    if record is not None and floor is not None:
+        conversion["noise_floor_kl_mean"] = floor
+        conversion["floor_ratio"] = conversion["kl_mean"] / max(floor, 1e-12) if conversion["kl_mean"] is not None else None
     series["conversion_kl"] = conversion_series["kl"]
     say(f"{target.name}: latency and memory (separate process, {target.threads} threads)")
     with stage(f"{target.name}: timing"):
@@ -132,6 +136,21 @@ def compressed_record(loaded, manifest: dict, config, eval_text: str | None):
     from llmship.compress import rebuild_record
 
     return rebuild_record(loaded, compression, config.calibration, config.evaluation, eval_text)
+
+
+def noise_floor(loaded, record, target, plan, comp_logits) -> float | None:
+    """KL between the compressed reference and itself with kernel-rounding-sized noise on the inputs of the
+    linears whose activations the runtime quantizes dynamically: how closely any correct kernel can match it.
+    None when the recipe quantizes no activations (then the artifact can match to rounding)."""
+    from llmship.compress.reference import compressed_reference, has_dynamic_activations
+    from llmship.validation import evaluate as ev
+    from llmship.validation.runners.reference import ReferenceRunner
+
+    if not has_dynamic_activations(record):
+        return None
+    noisy = ReferenceRunner.from_decoder(compressed_reference(loaded, record, target.max_context, noise_seed=0), threads=target.threads)
+    metrics, _ = ev.parity_metrics(ev.teacher_forced(noisy, plan, "noise floor"), comp_logits, plan.tokens)
+    return metrics["kl_mean"]
 
 
 def compare(logits, greedy, ref_logits, ref_greedy, plan) -> tuple[dict, dict]:

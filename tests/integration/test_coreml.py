@@ -178,57 +178,33 @@ def test_fault_planted_in_weight_bin_is_caught(tiny, tiny_fp16, tmp_path):
     assert bad["kl_mean"] > 0.05 and bad["cosine_min"] < 0.5
 
 
-def test_int4_blocks_reproduce_weights_already_on_a_4bit_grid():
-    """Weights on a Q4_1-style grid (min + d * q per block of 32, SmolLM2's GGUF) come back on the same grid."""
-    from coremltools.converters.mil.mil.ops.defs.iOS18.compression import constexpr_blockwise_shift_scale
-
-    from llmship.exporters.coreml import int4_block_minmax
-
-    rng = np.random.default_rng(0)
-    d = rng.uniform(1e-3, 1e-2, (8, 4, 1)).astype(np.float16).astype(np.float32)
-    m = rng.uniform(-0.08, 0.02, (8, 4, 1)).astype(np.float16).astype(np.float32)
-    q = rng.integers(0, 16, (8, 4, 32))
-    q[..., 0], q[..., 1] = 0, 15  # each block spans its whole grid, as Q4_1 blocks do
-    w = (m + d * q).reshape(8, 128)
-    codes, scale, offset = int4_block_minmax(w, 32)
-    assert codes.dtype == np.uint8 and codes.max() <= 15 and scale.dtype == offset.dtype == np.float16
-    np.testing.assert_array_equal(codes.reshape(8, 4, 32), q)
-    decoded = constexpr_blockwise_shift_scale.decompress(codes, scale.astype(np.float32), offset.astype(np.float32))
-    assert np.abs(decoded - w).max() <= 0.05 * d.min()  # fp16 offset rounding: a few % of a grid step
-
-
-def test_pal4_is_coremltools_kmeans_with_each_group_clustered_once(tiny):
-    """pal4 through llmship's LUT function gives exactly the tables and indices of coremltools' own
-    palettize_weights(mode="kmeans"), and compressing the second function clusters nothing again."""
+def test_pal4_palettes_are_the_ones_coremltools_kmeans_picks(tiny):
+    """The record's pal4 tables are coremltools' own k-means (palettize_weights mode="kmeans", 16 channels a
+    table): the palettes llmship ships are the ones Core ML's toolchain would choose."""
     import coremltools.optimize.coreml as cto
+    from coremltools.converters.mil.mil.ops.defs.iOS18.compression import constexpr_lut_to_dense
 
-    from llmship.exporters import coreml
+    from llmship.compress.algorithms import rtn
+    from llmship.exporters import coreml, coreml_weights
     from llmship.models.export import export_stateful
 
     profile = target("coreml-pal4", max_context=32, prefill_lengths=(8,))
     coreml.register_index_copy()
     programs = export_stateful(build_decoder(tiny, 32, "fp16"), 8)
-    mlmodel = coreml.convert_function(programs["decode"], 1, 8, profile.recipe, tiny.spec)
-    keep = coreml.fp16_consts(mlmodel, profile.recipe, tiny.spec)
+    mlmodel = coreml.convert_function(programs["decode"], 1, 8, profile.recipe)
     stock = cto.palettize_weights(mlmodel, cto.OptimizationConfig(
-        global_config=cto.OpPalettizerConfig(mode="kmeans", nbits=4, granularity="per_grouped_channel", group_size=16),
-        op_name_configs={name: None for name in keep}))
-    luts: dict = {}
-    ours = coreml.compress(mlmodel, profile.recipe, tiny.spec, luts)
-
-    def tables(model):
-        ops = model._mil_program.functions["main"].find_ops(op_type="constexpr_lut_to_dense")
-        return {op.name: (op.lut.val, op.indices.val) for op in ops}
-
-    expected, got = tables(stock), tables(ours)
-    assert expected and set(got) == set(expected)
-    for name, (lut, indices) in expected.items():
-        np.testing.assert_array_equal(got[name][0], lut)
-        np.testing.assert_array_equal(got[name][1], indices)
-    clustered = len(luts)
-    again = tables(coreml.compress(mlmodel, profile.recipe, tiny.spec, luts))
-    assert clustered > 0 and len(luts) == clustered
-    assert all(np.array_equal(again[name][1], got[name][1]) for name in got)
+        global_config=cto.OpPalettizerConfig(mode="kmeans", nbits=4, granularity="per_grouped_channel", group_size=16)))
+    grids, _ = coreml_weights.weight_plan(profile, tiny.spec)
+    grids = {n: g for n, g in grids.items() if g is not None}
+    ours = rtn(tiny, grids)
+    seen = 0
+    for op in stock._mil_program.functions["main"].find_ops(op_type="constexpr_lut_to_dense"):
+        module = coreml_weights.const_module(op.name.removesuffix("_palettized"), True)
+        name = next(n for n in grids if n.replace(".", "_") == module)
+        expected = constexpr_lut_to_dense.decompress(op.indices.val, op.lut.val, None)
+        np.testing.assert_array_equal(grids[name].dequantize(*ours[name]).numpy().astype(np.float16), expected)
+        seen += 1
+    assert seen == len(grids) > 0
 
 
 def test_unsupported_recipe_is_a_config_error(tiny, tmp_path):

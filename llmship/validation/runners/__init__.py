@@ -51,11 +51,18 @@ class EntryIO:
         if not isinstance(ep, dict):
             raise ManifestError(f"manifest: field entry_points.{entry} is missing")
 
+        def roles(kind: str) -> list[str]:
+            # Manifests written before tensors carried roles list tokens, positions (inputs) and logits (outputs)
+            # first, the caches after them.
+            tensors = ep.get(kind, [])
+            first = ["tokens", "positions"] if kind == "inputs" else ["logits"]
+            return [t.get("role") or (first[i] if i < len(first) else "cache") for i, t in enumerate(tensors)]
+
         def by_role(kind: str, role: str) -> list[dict]:
             tensors = ep.get(kind, [])
             if not isinstance(tensors, list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in tensors):
                 raise ManifestError(f"manifest: field entry_points.{entry}.{kind} must be a list of named tensors")
-            return [t for t in tensors if t.get("role") == role]
+            return [t for t, r in zip(tensors, roles(kind)) if r == role]
 
         def one(kind: str, role: str) -> str:
             found = by_role(kind, role)

@@ -33,8 +33,8 @@ class ExecuTorchRunner:
         self.max_context = manifest["max_context"]
         # Inputs are positional in ExecuTorch: the manifest's order (tokens, positions) is the method's order.
         for name in ("prefill", "decode"):
-            names = [t.get("role") for t in entry[name]["inputs"]]
-            if names != ["tokens", "positions"]:
+            names = [t.get("role", default) for t, default in zip(entry[name]["inputs"], ("tokens", "positions"))]
+            if names != ["tokens", "positions"] or len(entry[name]["inputs"]) != 2:
                 raise ConfigError(f"{artifact_dir}: entry point {name} takes inputs {names}; this runner feeds (tokens, positions)")
             EntryIO.of(manifest, name)
         self._program = runtime.Runtime.get().load_program(artifact_file(artifact_dir, manifest, entry["prefill"]["file"]))

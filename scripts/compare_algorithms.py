@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""Compare compression algorithms at equal bytes: export each target with each algorithm, validate each on
+each evaluation text, print one Markdown table (and write it as JSON).
+
+    python scripts/compare_algorithms.py --model builtin:smollm2-135m --target executorch-8da4w --target onnx-int4 \\
+        --algorithm rtn --algorithm gptq --text ../shared/data/tinyshakespeare.txt --out /tmp/cmp
+
+Each artifact is exported once per (target, algorithm) and validated through the CLI, so every number is what
+`llmship validate` reports for the shipped file: parity against the FP32 reference, and conversion against the
+compressed reference.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def run(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "llmship", *cmd], capture_output=True, text=True)
+    if proc.returncode not in (0, 1):
+        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--target", action="append", required=True)
+    p.add_argument("--algorithm", action="append", default=None)
+    p.add_argument("--text", action="append", default=[])
+    p.add_argument("--tokens", type=int, default=512)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    out = Path(args.out)
+    rows = []
+    for target in args.target:
+        for algorithm in args.algorithm or ["rtn", "gptq"]:
+            art = out / f"{target}-{algorithm}"
+            export_s = run(["export", "--model", args.model, "--target", target, "--out", str(art),
+                            "--set", f"overrides.{target}.recipe.algorithm={algorithm}"])
+            for text in args.text or [None]:
+                extra = ["--eval-text", text] if text else []
+                validate_s = run(["validate", str(art), "--set", f"evaluation.tokens={args.tokens}",
+                                  "--set", "evaluation.latency_runs=4", *extra])
+                r = json.loads((art / "report.json").read_text())
+                pa, co = r["parity"], r["conversion"]
+                rows.append({"target": target, "algorithm": algorithm, "text": Path(text).name if text else "sampled",
+                             "bytes": r["artifact"]["bytes"], "kl_mean": pa["kl_mean"], "top1": pa["top1_agreement"],
+                             "ppl_ratio": pa["ppl_ratio"], "greedy": f"{pa['greedy_match']}/{pa['greedy_total']}",
+                             "conversion_kl": co["kl_mean"], "conversion_top1": co["top1_agreement"],
+                             "export_s": round(export_s, 1), "validate_s": round(validate_s, 1)})
+                print(json.dumps(rows[-1]), flush=True)
+    (out / "comparison.json").write_text(json.dumps(rows, indent=2))
+    cols = ["target", "algorithm", "text", "bytes", "kl_mean", "top1", "ppl_ratio", "greedy", "conversion_kl", "conversion_top1"]
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for row in rows:
+        print("| " + " | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in cols) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

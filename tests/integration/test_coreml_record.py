@@ -1,0 +1,97 @@
+"""Core ML ships the compression record exactly: the package's decompression ops hold the record's codes, scales,
+offsets and palettes; validation's conversion check (against the compressed reference) is at fp16-rounding
+level; and a converter fault too small for a recipe's parity gate fails the conversion gate."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llmship.compress import rebuild_record
+from llmship.config import BuildConfig, TargetProfile
+from llmship.manifest import read_manifest
+from llmship.pipeline import export_artifact
+from llmship.targets import get_profile
+from llmship.validation.runners.mil_executor import load_program
+from llmship.validation.stage import validate_artifact
+
+pytest.importorskip("coremltools")
+pytestmark = pytest.mark.coreml
+
+FAST = BuildConfig.model_validate({"evaluation": {"tokens": 96, "latency_runs": 2}})
+
+
+def target(name: str, **changes) -> TargetProfile:
+    return TargetProfile.model_validate({**get_profile(name).model_dump(), **changes})
+
+
+def record_of(loaded, artifact):
+    manifest = read_manifest(artifact)
+    return rebuild_record(loaded, manifest["compression"], FAST.calibration, FAST.evaluation)
+
+
+def decompressed(artifact) -> dict:
+    """Each decompression op of the decode function, decoded by coremltools' own op definition, by the module
+    it replaces (the const names carry the PyTorch parameter's name)."""
+    from coremltools.converters.mil.mil.ops.defs.iOS18.compression import constexpr_blockwise_shift_scale, constexpr_lut_to_dense
+
+    from llmship.exporters.coreml_weights import const_module
+
+    out = {}
+    for op in load_program(artifact / "model.mlpackage").functions["decode"].operations:
+        if op.op_type == "constexpr_blockwise_shift_scale":
+            offset = None if op.offset is None else op.offset.val.astype(np.float32)
+            w = constexpr_blockwise_shift_scale.decompress(op.data.val, op.scale.val.astype(np.float32), offset)
+            out[const_module(op.name.rsplit("_q", 1)[0], True)] = (op, w)
+        elif op.op_type == "constexpr_lut_to_dense":
+            w = constexpr_lut_to_dense.decompress(op.indices.val, op.lut.val.astype(np.float32), None)
+            out[const_module(op.name.removesuffix("_palettized"), True)] = (op, w)
+    return out
+
+
+@pytest.mark.parametrize("name", ["coreml-int4", "coreml-int8", "coreml-pal4"])
+def test_the_package_holds_the_records_weights(tiny, tmp_path, name):
+    art = export_artifact(tiny, target(name, max_context=32, prefill_lengths=(8,)), tmp_path / name)
+    record = record_of(tiny, art)
+    found = decompressed(art)
+    assert {n.replace(".", "_") for n in record.tensors} == set(found)
+    for module, t in record.tensors.items():
+        op, w = found[module.replace(".", "_")]
+        # decoded in fp32 by the op's definition, then held in fp16 like every value of an fp16 program
+        np.testing.assert_array_equal(w.astype(np.float16), t.dequantize().numpy().astype(np.float16))
+        if not t.grid.palette:  # the stored operands themselves are the record's
+            np.testing.assert_array_equal(op.data.val.astype(np.int16), t.codes.numpy())
+            np.testing.assert_array_equal(op.scale.val.astype(np.float32), t.scale.numpy())
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("name", ["coreml-int4", "coreml-int8", "coreml-pal4"])
+def test_conversion_is_at_fp16_rounding_level_while_parity_carries_the_recipe(stories, tmp_path, name):
+    art = export_artifact(stories, target(name, max_context=128, prefill_lengths=(32,)), tmp_path / name)
+    report = validate_artifact(art, FAST, loaded=stories)
+    conversion, parity = report["conversion"], report["parity"]
+    assert conversion["kl_mean"] < 1e-4 and conversion["top1_agreement"] >= 0.98
+    assert parity["kl_mean"] > 20 * conversion["kl_mean"]
+    assert report["passed"], [g for g in report["gates"] if not g["passed"]]
+
+
+@pytest.mark.shared
+def test_a_planted_converter_fault_passes_parity_but_fails_conversion(stories, tmp_path, monkeypatch):
+    """One matrix's block scales shifted by one block, as a converter bug would: small enough that the int4
+    recipe's parity gates pass, caught by the conversion gate."""
+    from llmship.exporters import coreml_weights
+
+    real = coreml_weights.blockwise_arrays
+
+    def shifted(t, dtype):
+        data, scale, offset = real(t, dtype)
+        if t.name == "model.layers.3.self_attn.o_proj":
+            scale = np.roll(scale, 1, axis=1)
+        return data, scale, offset
+
+    monkeypatch.setattr(coreml_weights, "blockwise_arrays", shifted)
+    art = export_artifact(stories, target("coreml-int4", max_context=128, prefill_lengths=(32,)), tmp_path / "faulty")
+    report = validate_artifact(art, FAST, loaded=stories)
+    failed = {g["name"] for g in report["gates"] if not g["passed"]}
+    parity_gates = {g["name"] for g in report["gates"] if not g["name"].startswith(("conversion", "integrity", "regression"))}
+    assert failed and failed <= {g for g in failed if g.startswith("conversion")}, failed
+    assert parity_gates and not (failed & parity_gates)
