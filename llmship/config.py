@@ -19,7 +19,8 @@ class Strict(BaseModel):
 class Rule(Strict):
     """A per-module rule: modules whose name matches `match` (a regular expression searched in names such as
     `model.layers.3.mlp.down_proj`, `model.embed_tokens`, `lm_head`) get these settings. Only the fields a rule
-    sets apply (`group_size: null` set explicitly means per output channel); later rules override earlier ones."""
+    sets apply (`group_size: null` set explicitly means the runtime's default: per output channel for int8 where
+    the runtime has it, its default block for int4); later rules override earlier ones."""
 
     match: str
     weights: Literal["fp32", "fp16", "int8", "int4", "pal4"] | None = None

@@ -58,13 +58,20 @@ def apply_rule(current: ModuleRule, rule) -> ModuleRule:
     return replace(current, **{k: getattr(rule, k) for k in ("weights", "group_size", "symmetric") if k in rule.model_fields_set})
 
 
-def rule_variants(recipe) -> list[tuple[str, ModuleRule]]:
-    """Every (role, rule) a recipe can produce, without a model: what a runtime's `check` must accept."""
+# Module names of any model up to this depth: enough to tell, without a model, which roles a rule can reach.
+SAMPLE_NAMES = {"embedding": [EMBEDDING], "linear": [f"model.layers.{i}.{p}" for i in range(256) for p in PROJECTIONS] + [HEAD]}
+
+
+def rule_variants(recipe) -> list[tuple[str, ModuleRule, str]]:
+    """Every (role, rule, where it comes from) a recipe can produce, without a model: what a runtime's `check` must
+    accept. A rule is checked for the roles its pattern can reach (an embedding-only rule is not held to the
+    linears' limits). `where` is "recipe" or "recipe.rules[i]", for error messages."""
     linear, embedding = default_rules(recipe)
-    out = [("linear", linear), ("embedding", embedding)]
-    for rule in recipe.rules:
+    out = [("linear", linear, "recipe"), ("embedding", embedding, "recipe")]
+    for i, rule in enumerate(recipe.rules):
         for r, base in (("linear", linear), ("embedding", embedding)):
-            out.append((r, apply_rule(base, rule)))
+            if any(re.search(rule.match, n) for n in SAMPLE_NAMES[r]):
+                out.append((r, apply_rule(base, rule), f"recipe.rules[{i}]"))
     return out
 
 

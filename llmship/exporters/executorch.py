@@ -6,9 +6,16 @@ How it is built (the same route ExecuTorch's own LLM export takes, written again
   (cache laid out [1, max_context, kv_heads, head_dim]; attention reads only positions < input_pos + T), and
   every reshape, norm and rotation is written in a form XNNPACK accepts with a dynamic length, so each layer
   lowers to one XNNPACK delegate instead of a dozen fragments.
-- Quantization is torchao's `quantize_` before export: linears get dynamic int8 activations with int4
-  group-wise or int8 per-channel weights (XNNPACK's qd8 GEMMs); the embedding gets weight-only int4/int8,
-  which ExecuTorch's quant fusion turns into `quantized_decomposed::embedding_{4bit,byte}`.
+- Weights come from the compression stage's record (llmship/compress/), on the grids `weight_plan` asks for:
+  each recorded matrix becomes a torchao `IntxUnpackedToInt8Tensor` built from the record's codes and scales
+  (no torchao parameter choice), which ExecuTorch lowers to XNNPACK's qd8 GEMMs (linears and the head: dynamic
+  int8 activations, int4 group-wise or int8 per-channel weights) and, for the embedding's weight-only tensor,
+  fuses into `quantized_decomposed::embedding_{4bit,byte}`. What each stores (verified by reading .pte files back):
+    XNNPACK int4 (qb4w)        codes -8..7, one bf16 scale per group of a row: the grid's scales are bf16
+    XNNPACK int8 (qc8w)        codes -128..127, one fp32 scale per output channel
+    embedding_4bit / _byte     codes as the grid's, fp32 scales (so a tied matrix's bf16 scales stay exact)
+  XNNPACK's lowering drops weight zero points silently, so every grid is symmetric. Its qd8 activation
+  quantization is llmship.compress.activations.int8_per_token_asymmetric, bit for bit.
 - Both entry points are exported with torch.export, lowered together with `to_edge_transform_and_lower`,
   and emitted with `share_mutable_buffers=True`: the caches are planned once (memory id 2) and every method
   reads and writes the same memory, so a prefill through one method is seen by decode through the other.
@@ -18,21 +25,24 @@ How it is built (the same route ExecuTorch's own LLM export takes, written again
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from llmship.compress.grids import Grid, symmetric
+from llmship.compress.plan import EMBEDDING, HEAD, matrix_shapes, module_rules, role, rule_variants
 from llmship.errors import ConfigError
 from llmship.exporters import ExportJob, ExportResult, tensor_spec
 
 PTE = "model.pte"
 DEFAULT_GROUP = 32
-# How torchao picks the scales: HQQ's scale-only search, as ExecuTorch's LLM export does by default.
-QPARAMS_ALGORITHM = "hqq_scale_only"
-# ExecuTorch's XNNPACK serializer stores group-wise scales as bf16; per-channel scales as fp32.
-GROUP_SCALE_BYTES, CHANNEL_SCALE_BYTES = 2, 4
+INT4_GROUP_MULTIPLE = 32  # XNNPACK's int4 kernels read groups of a multiple of 32 inputs
+# The activation scheme every quantized linear gets: XNNPACK's qd8 dynamic quantization (per token, asymmetric).
+QD8 = {"scheme": "int8_per_token_asymmetric"}
+# Bytes per scale in the .pte: XNNPACK stores int4 group scales as bf16 and int8 channel scales as fp32;
+# the quantized embedding kernels keep fp32.
+XNNPACK_SCALE_BYTES, EMBEDDING_SCALE_BYTES = {4: 2, 8: 4}, 4
 
 
 # ---------------------------------------------------------------- the model, in ExecuTorch's terms
@@ -55,15 +65,43 @@ def _rotate_half_matrix(head_dim: int) -> torch.Tensor:
     return r
 
 
+def _own_tables(module: nn.Module) -> nn.Module:
+    """A shallow copy of `module` with its own parameter, buffer and child tables: assigning a weight or a child
+    on the copy leaves `module` as it was, and the tensors themselves are shared, not copied."""
+    new = copy.copy(module)
+    new._parameters, new._buffers, new._modules = dict(module._parameters), dict(module._buffers), dict(module._modules)
+    return new
+
+
+def _replaced(root: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
+    """`root` with the submodules at these dotted paths replaced, `root` untouched: each module on a replaced path
+    is an `_own_tables` copy, every other module is shared. (The job's decoder must not change, and a deep copy
+    of a large model would double the export's memory for nothing.)"""
+    if "" in replacements:
+        return replacements[""]
+    if not replacements:
+        return root
+    new = _own_tables(root)
+    by_child: dict[str, dict[str, nn.Module]] = {}
+    for path, module in replacements.items():
+        child, _, rest = path.partition(".")
+        by_child.setdefault(child, {})[rest] = module
+    for child, below in by_child.items():
+        new._modules[child] = _replaced(root._modules[child], below)
+    return new
+
+
 class ExecuTorchDecoder(nn.Module):
     """forward(tokens[1,T], input_pos[1]) -> logits[1,T,vocab]: the canonical model's function, with its
-    weights (shared, not copied), caches as mutable buffers k_cache_i / v_cache_i [1, C, kv_heads, head_dim]."""
+    weights (shared, not copied) except the modules in `replacements` (dotted path -> module, e.g. the quantized
+    linears), caches as mutable buffers k_cache_i / v_cache_i [1, C, kv_heads, head_dim]."""
 
-    def __init__(self, decoder):
+    def __init__(self, decoder, replacements: dict[str, nn.Module] | None = None):
         super().__init__()
         spec = decoder.spec
         self.spec, self.max_context = spec, decoder.max_context
-        self.model, self.lm_head = decoder.model, decoder.lm_head
+        tree = _replaced(decoder, replacements or {})
+        self.model, self.lm_head = tree.model, tree.lm_head
         self.register_buffer("rope_cos", decoder.rope_cos.clone(), persistent=False)
         self.register_buffer("rope_sin", decoder.rope_sin.clone(), persistent=False)
         self.register_buffer("rotate_half", _rotate_half_matrix(spec.head_dim), persistent=False)
@@ -104,143 +142,215 @@ class ExecuTorchDecoder(nn.Module):
         return self.lm_head(_rms_norm(self.model.norm, x))
 
 
-# ---------------------------------------------------------------- the recipe, as a quantization plan
-
-@dataclass(frozen=True)
-class WeightQuant:
-    bits: int  # 4 or 8
-    group: int | None  # None: one scale per output channel (row)
-
-
-@dataclass(frozen=True)
-class QuantPlan:
-    """What each weight role becomes; None keeps it fp32. `linears` are the layers' projections."""
-
-    linears: WeightQuant | None = None
-    lm_head: WeightQuant | None = None  # dynamic int8 activations, like the linears
-    embedding: WeightQuant | None = None  # weight-only (a table lookup has no activations)
-
+# ---------------------------------------------------------------- the recipe: what XNNPACK holds, and the grids
 
 def check(target, spec=None) -> None:
     """What XNNPACK's kernels hold: fp32, or int8 per channel / int4 in groups of a multiple of 32 with dynamic
-    int8 activations (qd8 GEMMs); symmetric grids only (no zero points); an fp32 cache and fp32 compute."""
+    int8 activations (qd8 GEMMs); symmetric grids only (no zero points); an fp32 cache and fp32 compute. Every
+    per-module rule is held to the same; with a spec, every rule must match a module of the model."""
     r, name = target.recipe, target.name
     if target.kv_cache_dtype != "fp32":
         raise ConfigError(f"{name}: kv_cache_dtype must be fp32 on executorch (llama::custom_sdpa reads the cache in the query's dtype)")
     if r.compute != "fp32":
         raise ConfigError(f"{name}: recipe.compute must be fp32 on executorch (the XNNPACK path here computes in fp32)")
-    if r.weights not in ("fp32", "int8", "int4"):
-        raise ConfigError(f"{name}: recipe.weights {r.weights} is not available on executorch (fp32, int8, int4)")
-    if r.symmetric is False:
-        raise ConfigError(f"{name}: recipe.symmetric false: XNNPACK's int4/int8 weights are symmetric (no zero points)")
-    if r.weights == "int4" and r.group_size is not None and r.group_size % 32:
-        raise ConfigError(f"{name}: recipe.group_size {r.group_size}: XNNPACK's int4 kernels need a multiple of 32")
+    if r.activations not in ("fp32", "int8"):
+        raise ConfigError(f"{name}: recipe.activations {r.activations} is not available on executorch "
+                          "(fp32, or int8 with int8/int4 weights)")
     if r.weights == "int8" and r.group_size is not None:
         raise ConfigError(f"{name}: recipe.group_size: int8 weights are per-channel on XNNPACK; group_size applies to int4 only")
-    if r.weights == "fp32" and r.activations != "fp32":
+    variants = rule_variants(r)
+    for kind, rule, where in variants:
+        source = None if where == "recipe" else r.rules[int(where.split("[")[1].rstrip("]"))]
+        weights_field = "recipe.embedding" if source is None and kind == "embedding" else f"{where}.weights"
+        _check_rule(name, where, weights_field, rule)
+        if kind == "linear" and rule.quantized and r.activations != "int8":
+            raise ConfigError(
+                f"{name}: recipe.activations must be int8 with {rule.weights} weights ({where}): XNNPACK keeps int4/int8 linear "
+                "weights only with dynamic int8 activations (qd8 GEMMs); a weight-only linear is dequantized to fp32 at export, "
+                "losing the size")
+        # int8 is per channel here; a group size the user gives int8 weights is refused, one inherited from an
+        # int4 recipe (a rule switching a module to int8) does not apply to it
+        if kind == "linear" and rule.weights == "int8" and source is not None and "group_size" in source.model_fields_set \
+                and source.group_size is not None:
+            raise ConfigError(f"{name}: {where}.group_size: int8 weights are per-channel on XNNPACK; "
+                              "group_size applies to int4 only")
+    if r.activations == "int8" and not any(kind == "linear" and rule.quantized for kind, rule, _ in variants):
         raise ConfigError(f"{name}: recipe.activations int8 needs int8 or int4 weights")
-    if r.weights in ("int4", "int8") and r.activations != "int8":
-        raise ConfigError(
-            f"{name}: recipe.activations must be int8 with {r.weights} weights: XNNPACK keeps int4/int8 linear weights only "
-            "with dynamic int8 activations (qd8 GEMMs); a weight-only linear is dequantized to fp32 at export, losing the size")
-    if r.embedding not in ("same", "fp32", "int8", "int4"):
-        raise ConfigError(f"{name}: recipe.embedding {r.embedding} is not available on executorch (fp32, int8, int4)")
+    if spec is not None:
+        for module, rule in module_rules(r, spec).items():  # rules combined on one module, which variants do not show
+            _check_rule(name, f"recipe.rules (on {module})", f"recipe.rules (on {module}) weights", rule)
 
 
-def _weight_quant(precision: str, group_size: int | None) -> WeightQuant | None:
-    if precision == "fp32":
+def _check_rule(name: str, where: str, weights_field: str, rule) -> None:
+    if rule.weights not in ("fp32", "int8", "int4"):
+        raise ConfigError(f"{name}: {weights_field} {rule.weights} is not available on executorch (fp32, int8, int4)")
+    if rule.symmetric is False:
+        raise ConfigError(f"{name}: {where}.symmetric false: XNNPACK's int4/int8 weights are symmetric (no zero points)")
+    if rule.weights == "int4" and rule.group_size is not None and rule.group_size % INT4_GROUP_MULTIPLE:
+        raise ConfigError(f"{name}: {where}.group_size {rule.group_size}: XNNPACK's int4 kernels need a multiple of "
+                          f"{INT4_GROUP_MULTIPLE}")
+
+
+def grid_for(rule, name: str, in_features: int, tied: bool) -> Grid | None:
+    """The grid of one matrix (None: fp32). int8 is one scale per output channel (per row for the embedding):
+    XNNPACK's qc8w, embedding_byte. int4 is groups of the rule's size (32 by default) with bf16 scales, XNNPACK's
+    qb4w; a row the group does not divide falls back to int8 per channel (XNNPACK reads whole groups only), rather
+    than to fp32 as ExecuTorch's own export does. An untied embedding is a lookup table only: fp32 scales
+    (embedding_4bit), one group per row when the group does not divide it. A tied matrix is one tensor read by
+    both the lookup and the XNNPACK head, so it gets the head's grid, whose bf16 scales the lookup holds exactly."""
+    if not rule.quantized:
         return None
-    return WeightQuant(4, group_size or DEFAULT_GROUP) if precision == "int4" else WeightQuant(8, None)
+    if rule.weights == "int8":
+        return symmetric(8, None)
+    group = rule.group_size or DEFAULT_GROUP
+    if name == EMBEDDING and not tied:
+        return symmetric(4, group if in_features % group == 0 else None)
+    if in_features % group:
+        return symmetric(8, None)
+    return symmetric(4, group, scale_dtype="bf16")
 
 
-def quant_plan(recipe, spec) -> QuantPlan:
-    """Map a (checked) Recipe onto XNNPACK's kernels."""
-    linears = _weight_quant(recipe.weights, recipe.group_size)
-    emb_precision = recipe.weights if recipe.embedding == "same" else recipe.embedding
-    embedding = _weight_quant(emb_precision, recipe.group_size)
-    # The tied head has the embedding's precision; an untied head is one more linear.
-    head = embedding if spec.tie_word_embeddings else linears
-    return QuantPlan(linears, head, embedding)
+def weight_plan(target, spec) -> tuple[dict[str, Grid | None], dict[str, dict]]:
+    """The grid of every matrix, and the activation quantization of every quantized linear (a tied head, which
+    reads the embedding's tensor, is `lm_head`): XNNPACK's qd8 for all of them."""
+    tied, shapes = spec.tie_word_embeddings, matrix_shapes(spec)
+    grids = {name: grid_for(rule, name, shapes[name][1], tied) for name, rule in module_rules(target.recipe, spec).items()}
+    activations = {name: dict(QD8) for name, grid in grids.items() if grid is not None and role(name) != "embedding"}
+    if tied and grids[EMBEDDING] is not None:
+        activations[HEAD] = dict(QD8)
+    return grids, activations
 
 
-def linear_quant(q: WeightQuant, in_features: int) -> WeightQuant:
-    """What a linear of `in_features` inputs actually gets. XNNPACK's int4 kernels need whole groups (a
-    "per-channel" int4 is a group of the whole row, which must be a multiple of 32 too), so a row the group
-    does not divide falls back to int8 per channel rather than to fp32 as ExecuTorch's own export does."""
-    if q.bits == 4 and in_features % q.group:
-        return WeightQuant(8, None)
-    return q
+def int8_fallbacks(recipe, spec, record) -> list[str]:
+    """Linears whose rule asks for int4 but whose rows the group does not divide: int8 per channel instead."""
+    rules = module_rules(recipe, spec)
+    tensors = record.tensors if record is not None else {}
+    return [name for name, t in tensors.items() if rules[name].weights == "int4" and t.grid.bits == 8]
 
 
-def _granularity(group: int | None):
-    from torchao.quantization.granularity import PerAxis, PerGroup
+# ---------------------------------------------------------------- the record, as torchao tensors
 
-    return PerGroup(group) if group is not None else PerAxis(0)
+# The record's activation schemes in torchao's terms; "none" is a weight-only tensor (the embedding's lookup).
+TORCHAO_ACTIVATIONS = {"int8_per_token_asymmetric": "int8_asym_per_token", "none": None}
 
 
-def apply_quant(model: ExecuTorchDecoder, plan: QuantPlan, algorithm: str = QPARAMS_ALGORITHM) -> dict:
-    """Quantize `model` in place with torchao; returns what was done (for the manifest)."""
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
+def torchao_weight(t, activations: dict | None) -> torch.Tensor:
+    """The record tensor `t` as the torchao tensor ExecuTorch lowers: its codes and scales as they are, zero
+    points zero (symmetric grids), `activations` the record's scheme for the linear reading it (None: a lookup)."""
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8TensorActivationQuantization as ActivationQuantization,
+    )
 
-    done: dict = {"int8_fallback": []}
+    grid, k = t.grid, t.shape[1]
+    width = grid.group_width(k)
+    signed = (-2 ** (grid.bits - 1), 2 ** (grid.bits - 1) - 1)
+    if not grid.symmetric or grid.bits not in (4, 8) or k % width or grid.qmin < signed[0] or grid.qmax > signed[1]:
+        raise RuntimeError(f"{t.name}: grid {grid.describe()} is not one ExecuTorch's quantized kernels hold "
+                           "(weight_plan gives only those)")
+    scheme = TORCHAO_ACTIVATIONS[(activations or {"scheme": "none"}).get("scheme", "none")]
+    return IntxUnpackedToInt8Tensor(
+        qdata=t.codes.to(torch.int8), scale=t.scale.float(), zero_point=torch.zeros(t.scale.shape, dtype=torch.int8),
+        target_dtype=getattr(torch, f"int{grid.bits}"), block_size=(1, width), dtype=torch.float32,
+        activation_quantization=None if scheme is None else ActivationQuantization(scheme))
 
-    def quantize_linear(module: nn.Linear, q: WeightQuant, name: str) -> None:
-        actual = linear_quant(q, module.in_features)
-        if actual != q:
-            done["int8_fallback"].append(name)
-        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=getattr(torch, f"int{actual.bits}"),
-                                                       weight_granularity=_granularity(actual.group),
-                                                       intx_choose_qparams_algorithm=algorithm)
-        quantize_(module, config, filter_fn=None)
 
-    with torch.no_grad():
-        if plan.linears is not None:
-            for name, module in list(model.model.layers.named_modules()):
-                if isinstance(module, nn.Linear):
-                    quantize_linear(module, plan.linears, f"layers.{name}")
-        if plan.lm_head is not None:
-            quantize_linear(model.lm_head, plan.lm_head, "lm_head")
-        if plan.embedding is not None:
-            # quantize_ swaps in a new parameter, so a tied head left fp32 keeps the old one.
-            emb, q = model.model.embed_tokens, plan.embedding
-            group = q.group if q.group is not None and emb.embedding_dim % q.group == 0 else None
-            config = IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{q.bits}"), granularity=_granularity(group),
-                                          intx_choose_qparams_algorithm=algorithm)
-            quantize_(emb, config, filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
-    return done
+def _check_xnnpack_scales(t) -> None:
+    """XNNPACK rounds int4 group scales to bf16 when it serializes them: a record whose scales are not bf16 would
+    not be what the runtime computes with, so refuse it instead of shipping something else."""
+    if t.grid.bits == 4 and not torch.equal(t.scale, t.scale.to(torch.bfloat16).float()):
+        raise RuntimeError(f"{t.name}: int4 scales are not bf16-representable; XNNPACK would store other weights "
+                           "than the record's")
+
+
+def _with_weight(module: nn.Module, weight: torch.Tensor) -> nn.Module:
+    new = _own_tables(module)
+    new.weight = nn.Parameter(weight, requires_grad=False)
+    return new
+
+
+def quantized_modules(decoder, record) -> dict[str, nn.Module]:
+    """Dotted path -> a copy of the decoder's module computing with the record's tensor: linears (and an untied
+    head) with dynamic int8 activations, the embedding weight-only, and a tied head from the embedding's tensor."""
+    if record is None:
+        return {}
+    out = {}
+    for name, t in record.tensors.items():
+        if name == EMBEDDING:
+            out[name] = _with_weight(decoder.get_submodule(name), torchao_weight(t, None))
+            if not decoder.spec.tie_word_embeddings:
+                continue
+            name = HEAD  # the tied head: the same record tensor, in XNNPACK
+        _check_xnnpack_scales(t)
+        out[name] = _with_weight(decoder.get_submodule(name), torchao_weight(t, record.activations.get(name)))
+    return out
+
+
+def quantization_notes(target, spec, record) -> dict:
+    """What each role got, for the manifest (per-matrix grids are in the manifest's `compression`)."""
+    def describe(t, activations: dict | None, kernel: str) -> str:
+        g = t.grid
+        scales = f"{'groups of ' + str(g.group_size) if g.group_size else 'one per row'}, {g.scale_dtype} scales"
+        act = "weight-only" if activations is None else f"activations {activations.get('scheme', 'none')}"
+        return f"int{g.bits} ({scales}), {act}: {kernel}"
+
+    def kernel(t) -> str:
+        return "XNNPACK qd8-f32-qb4w" if t.grid.bits == 4 else "XNNPACK qd8-f32-qc8w"
+
+    tensors = record.tensors if record is not None else {}
+    linears: dict[str, int] = {}
+    for name in matrix_shapes(spec):
+        if role(name) != "linear":
+            continue
+        t = tensors.get(name)
+        key = "fp32 (XNNPACK f32 GEMM)" if t is None else describe(t, record.activations.get(name), kernel(t))
+        linears[key] = linears.get(key, 0) + 1
+    emb = tensors.get(EMBEDDING)
+    embedding = "fp32 (aten.embedding)" if emb is None else describe(
+        emb, None, f"quantized_decomposed::embedding_{'4bit' if emb.grid.bits == 4 else 'byte'} (stores fp32 scales)")
+    head_t = emb if spec.tie_word_embeddings else tensors.get(HEAD)
+    head = "fp32 (XNNPACK f32 GEMM)" if head_t is None else describe(head_t, record.activations.get(HEAD), kernel(head_t))
+    if spec.tie_word_embeddings:
+        head = f"tied: the embedding's record tensor ({EMBEDDING}); {head}"
+    return {"from": "the compression record: codes and scales as recorded, no torchao parameter choice",
+            "algorithm": record.algorithm if record is not None else None,
+            "linears": linears, "lm_head": head, "embedding": embedding, "activations": target.recipe.activations,
+            "int8_fallback": int8_fallbacks(target.recipe, spec, record)}
 
 
 # ---------------------------------------------------------------- expected size
 
-def _linear_bytes(out_f: int, in_f: int, q: WeightQuant | None) -> int:
-    if q is None:
-        return 4 * out_f * in_f
-    q = linear_quant(q, in_f)
-    scales = out_f * (in_f // q.group) * GROUP_SCALE_BYTES if q.group else out_f * CHANNEL_SCALE_BYTES
-    return out_f * in_f * q.bits // 8 + scales
+def _packed(n: int, k: int, bits: int) -> int:
+    return n * ((k * bits + 7) // 8)  # rows packed separately (an odd int4 row ends in half a byte)
 
 
-def _embedding_bytes(vocab: int, dim: int, q: WeightQuant | None) -> int:
-    if q is None:
-        return 4 * vocab * dim
-    group = q.group if q.group is not None and dim % q.group == 0 else dim
-    return vocab * dim * q.bits // 8 + 4 * vocab * (dim // group)  # fp32 scales, symmetric: no zero points
+def _linear_bytes(n: int, k: int, t) -> int:
+    if t is None:
+        return 4 * n * k
+    return _packed(n, k, t.grid.bits) + t.scale.numel() * XNNPACK_SCALE_BYTES[t.grid.bits]
 
 
-def expected_weight_bytes(spec, plan: QuantPlan, max_context: int) -> int:
-    """Bytes the weights must take in the .pte for this plan: every linear once (methods share XNNPACK's
-    content-addressed weights), the embedding table once, and the head once more even when tied (XNNPACK
-    keeps its own copy, see the manifest's `tied_embedding`). Norms, biases, rope tables stay fp32."""
-    d, hd = spec.hidden_size, spec.head_dim
-    q, kv, f = spec.num_heads * hd, spec.num_kv_heads * hd, spec.intermediate_size
-    shapes = [(q, d), (kv, d), (kv, d), (d, q), (f, d), (f, d), (d, f)]
-    per_layer = sum(_linear_bytes(o, i, plan.linears) for o, i in shapes)
+def _embedding_bytes(n: int, k: int, t) -> int:
+    if t is None:
+        return 4 * n * k
+    return _packed(n, k, t.grid.bits) + t.scale.numel() * EMBEDDING_SCALE_BYTES  # symmetric: no zero points
+
+
+def expected_weight_bytes(spec, record, max_context: int) -> int:
+    """Bytes the weights must take in the .pte for this record (None: all fp32): every linear once (methods
+    share XNNPACK's content-addressed weights), the embedding table once, and the head once more even when
+    tied (XNNPACK keeps its own copy, see the manifest's `tied_embedding`). Norms, biases, rope tables stay fp32."""
+    tensors = record.tensors if record is not None else {}
+    d, hd, f = spec.hidden_size, spec.head_dim, spec.intermediate_size
+    q, kv = spec.num_heads * hd, spec.num_kv_heads * hd
+    shapes = matrix_shapes(spec)
+    linears = sum(_linear_bytes(n, k, tensors.get(name)) for name, (n, k) in shapes.items() if name != EMBEDDING)
+    if spec.tie_word_embeddings:
+        linears += _linear_bytes(spec.vocab_size, d, tensors.get(EMBEDDING))
     biases = (q + 2 * kv if spec.qkv_bias else 0) + (d if spec.o_bias else 0) + ((2 * f + d) if spec.mlp_bias else 0)
     norms = 2 * d + (2 * hd if spec.qk_norm else 0)
-    per_layer += 4 * (biases + norms)
-    head = _linear_bytes(spec.vocab_size, d, plan.lm_head)
-    rest = _embedding_bytes(spec.vocab_size, d, plan.embedding) + 4 * d + 4 * (2 * max_context * hd + hd * hd)
-    return spec.num_layers * per_layer + head + rest
+    rest = _embedding_bytes(spec.vocab_size, d, tensors.get(EMBEDDING)) + 4 * d + 4 * (2 * max_context * hd + hd * hd)
+    return linears + spec.num_layers * 4 * (biases + norms) + rest
 
 
 def size_tolerance(spec, expected: int) -> int:
@@ -292,15 +402,15 @@ def _export_method(model: ExecuTorchDecoder, name: str, max_prefill: int):
         return torch.export.export(model, args(1), strict=False)
 
 
-def build_pte(decoder, target, plan: QuantPlan, methods: tuple[str, ...] = ("prefill", "decode")) -> tuple[bytes, dict]:
-    """Quantize a copy of `decoder` per `plan`, export `methods`, lower to XNNPACK; (pte bytes, notes)."""
+def build_pte(decoder, target, record, methods: tuple[str, ...] = ("prefill", "decode")) -> tuple[bytes, dict]:
+    """`decoder` with the record's tensors on its quantized modules (`decoder` itself unchanged), `methods`
+    exported and lowered to XNNPACK; (pte bytes, notes)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers llama:: ops)
 
-    model = ExecuTorchDecoder(copy.deepcopy(decoder)).eval()
-    notes = apply_quant(model, plan)
+    model = ExecuTorchDecoder(decoder, quantized_modules(decoder, record)).eval()
     programs = {m: _export_method(model, m, max(target.prefill_lengths)) for m in methods}
     edge = to_edge_transform_and_lower(
         programs,
@@ -314,9 +424,9 @@ def build_pte(decoder, target, plan: QuantPlan, methods: tuple[str, ...] = ("pre
         memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True),
         emit_mutable_buffer_names=True,
     ))
-    notes["delegates"] = {m: sum(1 for n in edge.exported_program(m).graph.nodes if n.op == "call_function"
-                                 and "call_delegate" in str(n.target)) for m in programs}
-    return et.buffer, notes
+    delegates = {m: sum(1 for n in edge.exported_program(m).graph.nodes if n.op == "call_function"
+                        and "call_delegate" in str(n.target)) for m in programs}
+    return et.buffer, {"delegates": delegates}
 
 
 def _entry_points(spec, target) -> dict:
@@ -332,11 +442,10 @@ def _entry_points(spec, target) -> dict:
 
 
 def export(job: ExportJob) -> ExportResult:
-    target, spec = job.target, job.loaded.spec
-    plan = quant_plan(target.recipe, spec)
-    pte, notes = build_pte(job.decoder, target, plan)
+    target, spec, record = job.target, job.loaded.spec, job.record
+    pte, notes = build_pte(job.decoder, target, record)
     (job.out_dir / PTE).write_bytes(pte)
-    expected = expected_weight_bytes(spec, plan, target.max_context)
+    expected = expected_weight_bytes(spec, record, target.max_context)
     tied = None
     if spec.tie_word_embeddings:
         tied = {"stored": "twice", "why": (
@@ -355,9 +464,9 @@ def export(job: ExportJob) -> ExportResult:
             "backend": "XnnpackBackend",
             "metadata_methods": metadata(spec, target),
             "kernels": ["llama::update_cache", "llama::custom_sdpa (extension/llm/custom_ops)"]
-                       + (["quantized_decomposed::embedding_4bit / embedding_byte (kernels/quantized)"] if plan.embedding else []),
-            "quantization": {"plan": asdict(plan), "activations": target.recipe.activations,
-                             "int8_fallback": notes["int8_fallback"]},
+                       + (["quantized_decomposed::embedding_4bit / embedding_byte (kernels/quantized)"]
+                          if record is not None and EMBEDDING in record.tensors else []),
+            "quantization": quantization_notes(target, spec, record),
             "delegates": notes["delegates"],
             "expected_weight_bytes": expected,
             "tied_embedding": tied,

@@ -233,8 +233,7 @@ def check(target, spec=None) -> None:
         raise ConfigError(f"{name}: kv_cache_dtype must be fp32 on onnx (the graph's past/present are fp32)")
     if r.activations not in ("fp32", "int8") or (r.weights == "fp32" and r.activations != "fp32"):
         raise ConfigError(f"{name}: recipe.activations {r.activations} is not available with {r.weights} weights on onnx")
-    for i, (role, rule) in enumerate(rule_variants(r)):
-        where = "recipe" if i < 2 else f"recipe.rules[{(i - 2) // 2}]"
+    for role, rule, where in rule_variants(r):
         if rule.weights not in ("fp32", "int8", "int4"):
             raise ConfigError(f"{name}: {where}.weights {rule.weights} is not available for onnx (fp32, int8, int4)")
         if rule.weights == "int8" and rule.group_size is None and role == "linear":

@@ -9,12 +9,13 @@ How it is built:
 2. litert_torch traces every signature with its own static shapes (`signature(...).signature(...)`), lowers
    them into one flatbuffer and merges them: the weights are constants shared by every signature's
    subgraph, so they are stored once however many prefill lengths there are.
-3. The recipe is applied to the converted flatbuffer by ai-edge-quantizer, exactly where and how
-   litert-torch's own converter applies its generative `quant_recipes` (same op configs), but with our
-   own recipe manager so a layer can be given its own rule: fp16 weights, int8 per channel (dynamic
-   range, or weight-only when activations stay fp32), int4 per block (dynamic range; a linear layer
-   whose input width is not a multiple of the block falls back to int8 per channel). A tied embedding
-   stays one (quantized) buffer read by the embedding lookup and the LM head.
+3. The weights are the compression record's (llmship/compress/), written by ai-edge-quantizer with the op configs
+   litert-torch's generative `quant_recipes` use, but with the record's codes and scales instead of parameters
+   the quantizer would choose (`tflite_weights`, which also says which grids LiteRT holds): int8 per channel
+   (dynamic range, or weight-only when activations stay fp32), int4 per block (dynamic range; a linear layer
+   whose input width is not a multiple of the block falls back to int8 per channel), fp16 weights cast by the
+   quantizer. Per-module rules give a layer its own precision. A tied embedding stays one (quantized) buffer
+   read by the embedding lookup and the LM head.
 
 Why fixed-length prefill signatures rather than one dynamic-length one: TFLite plans memory and XNNPACK
 packs weights per static shape, and LiteRT-LM (the on-device LLM runtime) expects exactly this layout
@@ -27,8 +28,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from llmship.compress.plan import module_rules
 from llmship.errors import ConfigError
 from llmship.exporters import ExportJob, ExportResult, tensor_spec
+from llmship.exporters import tflite_weights as tw
+from llmship.exporters.tflite_weights import weight_plan  # noqa: F401  (the registry's entry point)
 from llmship.models.decoder import CacheIODecoder, MobileDecoder, cache_names, with_attention
 
 MODEL_FILE = "model.tflite"
@@ -41,7 +45,10 @@ def prefill_signature(length: int) -> str:
 
 def check(target, spec=None) -> None:
     """What LiteRT holds with litert-torch's quantization recipes: fp32, fp16 weights, int8 per channel (dynamic
-    range or weight-only), int4 in blocks of 32/64/128/256 (dynamic range); symmetric grids only."""
+    range or weight-only), int4 in blocks of 32/64/128/256 (dynamic range); symmetric grids only. Every
+    per-module rule is held to the same; with the model's spec every rule must match a module."""
+    from llmship.compress.plan import rule_variants
+
     recipe, name = target.recipe, target.name
     if recipe.compute != "fp32":
         raise ConfigError(f"{name}: recipe.compute fp16 is a runtime (delegate) choice in LiteRT, not part of the model "
@@ -50,72 +57,33 @@ def check(target, spec=None) -> None:
         raise ConfigError(f"{name}: recipe.embedding {recipe.embedding} is not supported on tflite; the embedding follows "
                           "recipe.weights (use 'same')")
     w, act = recipe.weights, recipe.activations
-    if w == "pal4":
-        raise ConfigError(f"{name}: recipe.weights pal4 (palettization) has no LiteRT recipe; use int4 or int8")
     if act not in ("fp32", "int8") or (w in ("fp32", "fp16") and act != "fp32"):
         raise ConfigError(f"{name}: recipe.activations {act} is not available with {w} weights on tflite")
-    if recipe.symmetric is False and w in ("int8", "int4"):
-        raise ConfigError(f"{name}: recipe.symmetric false: LiteRT's int8/int4 weights are symmetric (no zero points)")
-    if w == "int8" and recipe.group_size is not None:
-        raise ConfigError(f"{name}: recipe.group_size: int8 weights are quantized per output channel on tflite; remove it")
+    for _, rule, where in rule_variants(recipe):
+        _check_rule(name, where, rule, act, spec)
+    if spec is not None:
+        module_rules(recipe, spec)  # every rule must match a module of this model
+
+
+def _check_rule(name: str, where: str, rule, act: str, spec) -> None:
+    """One (role, rule) variant of the recipe: the precision, grid and block size a module would get."""
+    w = rule.weights
+    if w == "pal4":
+        raise ConfigError(f"{name}: {where}.weights pal4 (palettization) has no LiteRT recipe; use int4 or int8")
+    if rule.symmetric is False and w in ("int8", "int4"):
+        raise ConfigError(f"{name}: {where}.symmetric false: LiteRT's int8/int4 weights are symmetric (no zero points)")
+    if w == "int8" and rule.group_size is not None:
+        raise ConfigError(f"{name}: {where}.group_size: int8 weights are quantized per output channel on tflite; remove it")
     if w == "int4":
         if act != "int8":
             raise ConfigError(f"{name}: recipe.activations: int4 weights exist only as dynamic-range quantization; set int8")
-        if (recipe.group_size or 32) not in INT4_BLOCK_SIZES:
-            raise ConfigError(f"{name}: recipe.group_size {recipe.group_size} is not a LiteRT int4 block size "
+        block = rule.group_size or tw.DEFAULT_BLOCK
+        if block not in INT4_BLOCK_SIZES:
+            raise ConfigError(f"{name}: {where}.group_size {rule.group_size} is not a LiteRT int4 block size "
                               f"({', '.join(map(str, INT4_BLOCK_SIZES))})")
-        if spec is not None:
-            int4_fallbacks(recipe, spec)
-
-
-def _op_config(weights: str, group_size: int | None, activations: str):
-    """One ai-edge-quantizer op config, built the way litert-torch's generative recipes build theirs
-    (quantize.translate_recipe): symmetric weights; dynamic range computes in integers, weight-only and fp16
-    dequantize explicitly."""
-    from ai_edge_quantizer import algorithm_manager, qtyping
-
-    if weights == "fp16":
-        tensor = qtyping.TensorQuantizationConfig(num_bits=16, dtype=qtyping.TensorDataType.FLOAT)
-        return algorithm_manager.AlgorithmName.FLOAT_CASTING, qtyping.OpQuantizationConfig(
-            weight_tensor_config=tensor, compute_precision=qtyping.ComputePrecision.FLOAT, explicit_dequantize=True)
-    granularity = (qtyping.QuantGranularity.CHANNELWISE if weights == "int8"
-                   else getattr(qtyping.QuantGranularity, f"BLOCKWISE_{group_size or 32}"))
-    tensor = qtyping.TensorQuantizationConfig(num_bits=8 if weights == "int8" else 4, symmetric=True, granularity=granularity)
-    dynamic = activations == "int8"
-    return algorithm_manager.AlgorithmName.MIN_MAX_UNIFORM_QUANT, qtyping.OpQuantizationConfig(
-        weight_tensor_config=tensor, compute_precision=qtyping.ComputePrecision.INTEGER if dynamic else qtyping.ComputePrecision.FLOAT,
-        explicit_dequantize=not dynamic)
-
-
-def int4_fallbacks(recipe, spec) -> list[str]:
-    """Linear layers whose input width is not a multiple of the int4 block (per-block scales need whole
-    blocks): they get int8 per channel instead. Raises when the hidden size itself does not divide."""
-    block = recipe.group_size or 32
-    if recipe.weights != "int4":
-        return []
-    if spec.hidden_size % block:
-        raise ConfigError(f"tflite: hidden_size {spec.hidden_size} is not a multiple of recipe.group_size {block}; "
-                          f"choose a block size that divides it ({', '.join(map(str, INT4_BLOCK_SIZES))})")
-    widths = {"o_proj": spec.num_heads * spec.head_dim, "down_proj": spec.intermediate_size}
-    return [name for name, width in widths.items() if width % block]
-
-
-def quantize(model_bytes: bytes, recipe, spec) -> bytes:
-    """The recipe applied to the converted model by ai-edge-quantizer, as litert-torch's converter does
-    after lowering; the weights every signature shares are quantized once."""
-    from ai_edge_quantizer import qtyping, quantizer, recipe_manager
-
-    manager = recipe_manager.RecipeManager()
-    algorithm, config = _op_config(recipe.weights, recipe.group_size, recipe.activations)
-    manager.add_quantization_config(regex=".*", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
-                                    op_config=config, algorithm_key=algorithm)
-    fallback_algorithm, fallback = _op_config("int8", None, recipe.activations)
-    for name in int4_fallbacks(recipe, spec):  # the latest matching rule wins in ai-edge-quantizer
-        manager.add_quantization_config(regex=f"Linear_{name}", operation_name=qtyping.TFLOperationName.FULLY_CONNECTED,
-                                        op_config=fallback, algorithm_key=fallback_algorithm)
-    result = quantizer.Quantizer(bytes(model_bytes), manager.get_quantization_recipe()).quantize(
-        enable_progress_bar=False, enable_progress_report=False)
-    return bytes(result.quantized_model)
+        if spec is not None and spec.hidden_size % block:  # the embedding and q/k/v/gate/up read hidden_size inputs
+            raise ConfigError(f"tflite: hidden_size {spec.hidden_size} is not a multiple of {where}.group_size {block}; "
+                              f"choose a block size that divides it ({', '.join(map(str, INT4_BLOCK_SIZES))})")
 
 
 def recipe_description(recipe) -> str:
@@ -182,20 +150,25 @@ def sample_inputs(decoder: MobileDecoder, length: int) -> dict[str, torch.Tensor
     return {"tokens": torch.zeros((1, length), dtype=torch.int32), "input_pos": torch.arange(length, dtype=torch.int32), **caches}
 
 
-def export(job: ExportJob) -> ExportResult:
+def convert(decoder: MobileDecoder, target) -> bytes:
+    """The float model: every signature traced by litert-torch and merged into one flatbuffer (weights shared)."""
     import litert_torch
 
-    target, recipe = job.target, job.target.recipe
-    decoder = litert_decoder(job.decoder)
+    decoder = litert_decoder(decoder)
     module = CacheIODecoder(decoder).eval()
     converter = None
     for name, length in [*((prefill_signature(t), t) for t in target.prefill_lengths), ("decode", 1)]:
         add = litert_torch.signature if converter is None else converter.signature
         converter = add(name, module, sample_kwargs=sample_inputs(decoder, length))
     with torch.no_grad():
-        content = converter.convert().model_content()
-    if recipe.weights != "fp32":
-        content = quantize(content, recipe, job.loaded.spec)
+        return bytes(converter.convert().model_content())
+
+
+def export(job: ExportJob) -> ExportResult:
+    recipe, spec = job.target.recipe, job.loaded.spec
+    content = convert(job.decoder, job.target)
+    if job.record is not None or any(r.weights == "fp16" for r in module_rules(recipe, spec).values()):
+        content = tw.quantize(content, job.decoder, spec, recipe, job.record)
     (job.out_dir / MODEL_FILE).write_bytes(content)
     return _result(job)
 
@@ -231,7 +204,8 @@ def _result(job: ExportJob) -> ExportResult:
                        "them (the mask hides positions after the current one). input_pos + T must not exceed "
                        "max_context (no row beyond the cache is written): near the end use a shorter signature or decode",
             "weights": recipe_description(recipe),
-            "int8_fallback_layers": int4_fallbacks(recipe, spec),
+            "int8_fallback_layers": tw.int8_fallbacks(target, spec),
+            "quantized_weights": "the compression record's codes and scales as they are" if job.record else None,
             "delegate": "XNNPACK (LiteRT's default CPU delegate); ops it does not take run on LiteRT's builtin kernels",
         }},
     )

@@ -94,6 +94,15 @@ class Attention(nn.Module):
             k_cache = k_cache.index_copy(2, positions, k.to(k_cache.dtype))
             v_cache = v_cache.index_copy(2, positions, v.to(v_cache.dtype))
         group = self.num_heads // self.num_kv_heads
+        if not torch.compiler.is_exporting():
+            # Eager (the reference, calibration): the same function without its export-friendly form. Attend only
+            # to the positions written so far (the mask hides the rest anyway) and let SDPA share each KV head
+            # across its query group instead of copying the cache per query head every step: most of the
+            # reference's time at SmolLM2's shapes went into that copy.
+            end = int(positions[-1]) + 1
+            out = F.scaled_dot_product_attention(q, k_cache[:, :, :end].to(q.dtype), v_cache[:, :, :end].to(q.dtype),
+                                                 attn_mask=mask[:, :end], enable_gqa=group > 1)
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)), k_cache, v_cache
         keys, values = k_cache.to(q.dtype), v_cache.to(q.dtype)
         if group > 1:
             c = keys.shape[2]

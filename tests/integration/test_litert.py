@@ -110,14 +110,18 @@ def test_recipes_the_format_cannot_express_are_config_errors():
 
 def test_int4_layers_whose_width_is_not_a_whole_number_of_blocks_fall_back_to_int8(tiny):
     from llmship.config import Recipe
-    from llmship.exporters.tflite import int4_fallbacks
+    from llmship.exporters.tflite import check
+    from llmship.exporters.tflite_weights import int8_fallbacks
 
-    int4 = Recipe(weights="int4", activations="int8", group_size=32)
-    assert int4_fallbacks(int4, tiny.spec) == []  # widths 64 (hidden, heads x head_dim) and 160: whole blocks of 32
-    assert int4_fallbacks(Recipe(weights="int4", activations="int8", group_size=64), tiny.spec) == ["down_proj"]  # 160
-    assert int4_fallbacks(Recipe(weights="int8", activations="int8"), tiny.spec) == []
-    with pytest.raises(ConfigError):
-        int4_fallbacks(Recipe(weights="int4", activations="int8", group_size=128), tiny.spec)  # hidden 64
+    def target(**recipe):
+        return small_target("litert-int4", recipe=Recipe(**recipe))
+
+    int4 = dict(weights="int4", activations="int8")
+    assert int8_fallbacks(target(**int4, group_size=32), tiny.spec) == []  # widths 64 (hidden, heads x head_dim), 160
+    assert int8_fallbacks(target(**int4, group_size=64), tiny.spec) == [f"model.layers.{i}.mlp.down_proj" for i in range(3)]
+    assert int8_fallbacks(target(weights="int8", activations="int8"), tiny.spec) == []
+    with pytest.raises(ConfigError, match="hidden_size 64"):
+        check(target(**int4, group_size=128), tiny.spec)  # the embedding and q/k/v/gate/up cannot fall back
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
