@@ -37,6 +37,7 @@ def inputs_sha256(config, target, source_digest: str) -> str:
         # the compression record's inputs (its digest is a function of these and the source): calibration
         # settings and the compression stage's own code
         "calibration": config.calibration.model_dump(mode="json"),
+        "search": config.search.model_dump(mode="json"),
         "compress_code": code_digest(),
         "toolchain": toolchain_versions(toolchain_packages(target.format)),
     }
@@ -142,6 +143,11 @@ def build(config, only: list[str] | None = None, baseline: str | None = None, de
             say(f"{step}: same inputs as {twin}, copied")
             copy_artifact(twin, artifact)
             report = up_to_date(artifact, key)
+        elif config.search.mode == "smallest":
+            from llmship.search import smallest
+
+            say(f"{step}: searching for the smallest passing artifact ({target.format})")
+            report = smallest(loaded, target, config, artifact, debug=debug, inputs_sha256=key)
         else:
             say(f"{step}: exporting ({target.format}, weights {target.recipe.weights})")
             export_artifact(loaded, target, artifact, debug=debug, inputs_sha256=key, config=config)

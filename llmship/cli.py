@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. evaluation.tokens=64")
     b.add_argument("--baseline", help="directory of a previous build to check for regressions")
     b.add_argument("--platform", choices=["android", "ios"], help="build the platform's target set into its app layout")
+    b.add_argument("--smallest", action="store_true", help="search each target for the smallest artifact that passes its gates "
+                                                           "(lowers a size budget in steps; config: search.mode smallest)")
 
     e = sub.add_parser("export", help="export one target")
     e.add_argument("--model", required=True, help="HF checkpoint dir, .gguf file, builtin:smollm2-135m or builtin:tiny")
@@ -97,6 +99,15 @@ def cmd_inspect(args) -> int:
     for name, ep in m["entry_points"].items():
         ins = ", ".join(f"{t['name']}{t['shape']}" for t in ep["inputs"][:3])
         print(f"entry       {name}: {ep['file']} ({ins}{', ...' if len(ep['inputs']) > 3 else ''})")
+    compression = m.get("compression") or {}
+    if compression:
+        print(f"compression {compression.get('algorithm')}, {len(compression.get('grids', {}))} quantized matrices, "
+              f"record {str(compression.get('digest'))[:16]}")
+    allocation = compression.get("allocation")
+    if isinstance(allocation, dict) and isinstance(allocation.get("choice"), dict):
+        print(f"budget      {allocation.get('budget_bytes'):,} B: " + ", ".join(f"{k} x{v}" for k, v in allocation.get("counts", {}).items()))
+        for module, choice in allocation["choice"].items():
+            print(f"  rule      {module}: {choice}")
     for name, f in m["files"].items():
         print(f"file        {name}  {f['bytes']:,} B  sha256 {f['sha256'][:16]}")
     print(f"total       {total:,} B ({total / m['model']['params']:.3f} B/param)")
@@ -139,7 +150,7 @@ def cmd_build(args) -> int:
     from llmship.build import build
     from llmship.config import load_config
 
-    sets = list(args.set) + ([f"out={args.out}"] if args.out else [])
+    sets = list(args.set) + ([f"out={args.out}"] if args.out else []) + (["search.mode=smallest"] if args.smallest else [])
     config = load_config(args.config, sets)
     return build(config, only=args.target, baseline=args.baseline, debug=args.debug, platform=args.platform)
 

@@ -37,6 +37,23 @@ class Rule(Strict):
         return v
 
 
+class Budget(Strict):
+    """A size the artifact must fit: `bytes` for the whole artifact, or `bytes_per_param`. The compression stage picks
+    each matrix's grid (among the runtime's 4-bit groupings, 8-bit and float) to minimise the summed sensitivity."""
+
+    bytes: float | None = Field(default=None, gt=0)
+    bytes_per_param: float | None = Field(default=None, gt=0)
+    sensitivity_tokens: int = Field(default=256, gt=1, le=8192)  # calibration tokens the sensitivities are measured on
+    # bytes the format adds to the matrices (graph, metadata): reserved out of `bytes` (`--smallest` measures it)
+    overhead_bytes: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.bytes is None) == (self.bytes_per_param is None):
+            raise ValueError("recipe.budget needs exactly one of bytes and bytes_per_param")
+        return self
+
+
 class Recipe(Strict):
     """What a target's quantization does: the grid of every weight (recipe-wide fields, then per-module `rules`)
     and the algorithm that puts the weights on it. Each runtime says which grids it can hold (its exporter's
@@ -53,7 +70,8 @@ class Recipe(Strict):
     symmetric: bool | None = None
     # How weights are put on the grid: round-to-nearest, GPTQ (calibrated), or the source's own blocks (GGUF).
     algorithm: Literal["rtn", "gptq", "source"] = "rtn"
-    rules: tuple[Rule, ...] = ()
+    rules: tuple[Rule, ...] = ()  # applied after a budget's allocation: a rule always wins
+    budget: Budget | None = None
 
     @model_validator(mode="after")
     def _group_size_needs_blocks(self):
@@ -67,7 +85,10 @@ class Gates(Strict):
 
     max_abs_err: float | None = None
     cosine_min: float | None = None
-    top1_agreement_min: float | None = Field(default=None, ge=0, le=1)
+    top1_agreement_min: float | None = Field(default=None, ge=0, le=1)  # on positions without a near-tie (below)
+    # Positions where the reference's two best logits are closer than this are near-ties the recipe's rounding
+    # can flip: excluded from the gated top-1 (the report keeps the raw figure and the count excluded).
+    top1_tie_margin: float = Field(default=1e-3, ge=0)
     kl_mean_max: float | None = Field(default=None, ge=0)
     kl_p99_max: float | None = Field(default=None, ge=0)
     ppl_ratio_max: float | None = Field(default=None, ge=1)
@@ -152,12 +173,24 @@ class Calibration(Strict):
 
 
 class Evaluation(Strict):
-    tokens: int = Field(default=128, gt=1, le=1_000_000)  # teacher-forced evaluation length; CI-friendly default
-    text: str | None = None  # a text file; default: text sampled from the FP32 reference with `seed`
+    tokens: int = Field(default=1024, gt=1, le=1_000_000)  # scored tokens (per text file), in windows
+    window: int | None = Field(default=None, gt=1)  # tokens per window; default min(max_context, 256)
+    decode_tokens: int = Field(default=16, ge=0)  # each window ends with this many decode steps
+    # text file(s), each a domain reported on its own; default: windows sampled from the FP32 reference with `seed`
+    text: str | tuple[str, ...] | None = None
     seed: int = 0
     prompts: tuple[str, ...] = Field(default=("Once upon a time",), min_length=1)
     greedy_tokens: int = Field(default=32, gt=0, le=100_000)
     latency_runs: int = Field(default=16, gt=0, le=100_000)  # decode steps timed after warm-up
+
+
+class Search(Strict):
+    """`search: smallest` (or `llmship build --smallest`): from each target's recipe, lower a size budget in steps,
+    export and validate each, keep the smallest artifact whose gates all pass."""
+
+    mode: Literal["none", "smallest"] = "none"
+    step: float = Field(default=0.1, gt=0, lt=1)  # each step's budget: this fraction of the first artifact's bytes less
+    max_steps: int = Field(default=8, gt=0, le=50)
 
 
 class BuildConfig(Strict):
@@ -166,6 +199,7 @@ class BuildConfig(Strict):
     out: str = "dist"
     evaluation: Evaluation = Evaluation()
     calibration: Calibration = Calibration()
+    search: Search = Search()
     overrides: dict[str, dict[str, Any]] = {}  # target name -> fields of its profile to override
     # `llmship build --platform NAME` builds these target sets into the app-ready layouts.
     platforms: dict[Literal["android", "ios"], tuple[str, ...]] = {

@@ -68,19 +68,25 @@ def manifest_body(loaded, target, result) -> dict:
 
 
 def compression_record(loaded, target, module, config, eval_text: str | None = None):
-    """The compression stage for one target: the record of every matrix the runtime quantizes (None if none)."""
+    """The compression stage for one target: (the record of every matrix the runtime quantizes, or None; what a
+    budget allocated, or None)."""
     from llmship.compress import build_record
 
-    if not hasattr(module, "weight_plan"):  # an exporter that still quantizes with its own converter
-        return None
+    allocation = None
+    if target.recipe.budget is not None:
+        from llmship.compress.mixed import allocation as allocate
+
+        with stage(f"{target.name}: allocating bits under the budget"):
+            target, allocation = allocate(loaded, target, module, config.calibration, config.evaluation)
     if target.recipe.algorithm == "source":
         target = with_source_grids(loaded, target, module)
     grids, activations = module.weight_plan(target, loaded.spec)
     grids = {name: g for name, g in grids.items() if g is not None}
     if not grids:
-        return None
+        return None, allocation
     with stage(f"{target.name}: compressing ({target.recipe.algorithm})"):
-        return build_record(loaded, grids, activations, target.recipe.algorithm, config.calibration, config.evaluation, eval_text)
+        record = build_record(loaded, grids, activations, target.recipe.algorithm, config.calibration, config.evaluation, eval_text)
+    return record, allocation
 
 
 def with_source_grids(loaded, target, module):
@@ -106,8 +112,8 @@ def with_source_grids(loaded, target, module):
         r.model_dump(exclude_unset=True) for r in rules]})})
 
 
-def compression_manifest(record, config) -> dict | None:
-    """What validation needs to rebuild the same record, and what an app may want to know about it."""
+def compression_manifest(record, config, allocation: dict | None = None) -> dict | None:
+    """What validation needs to rebuild the same record, what a budget allocated, and what an app may want to know."""
     from dataclasses import asdict
 
     from llmship.compress.algorithms import NEEDS_CALIBRATION
@@ -117,7 +123,7 @@ def compression_manifest(record, config) -> dict | None:
     return {"algorithm": record.algorithm, "digest": record.digest(), "activations": record.activations,
             "calibration": config.calibration.model_dump(mode="json") if record.algorithm in NEEDS_CALIBRATION else None,
             "evaluation_seed": config.evaluation.seed, "notes": record.notes,
-            "stored_bytes": sum(t.stored_bytes() for t in record.tensors.values()),
+            "stored_bytes": sum(t.stored_bytes() for t in record.tensors.values()), "allocation": allocation,
             "grids": {n: asdict(t.grid) for n, t in sorted(record.tensors.items())}}
 
 
@@ -142,7 +148,7 @@ def export_artifact(loaded, target, out_dir: str | Path, debug: bool = False, in
         module = exporter(target.format)
     check_target(target, loaded.spec)
     with hush():
-        record = compression_record(loaded, target, module, config)
+        record, allocation = compression_record(loaded, target, module, config)
     decoder = build_decoder(loaded, target.max_context, target.kv_cache_dtype,
                             weights=record.dequantized_weights(loaded.weights) if record else None)
     with atomic_directory(out_dir) as tmp:
@@ -168,7 +174,7 @@ def export_artifact(loaded, target, out_dir: str | Path, debug: bool = False, in
             raise OutputError(f"{target.name}: cannot write tokenizer.json into {out_dir.parent}: {exc}") from None
         try:
             body = manifest_body(loaded, target, result)
-            body["compression"] = compression_manifest(record, config)
+            body["compression"] = compression_manifest(record, config, allocation)
             if inputs_sha256:
                 body["inputs_sha256"] = inputs_sha256  # what a rebuild compares to decide it has nothing to do
             write_manifest(tmp, body)

@@ -69,8 +69,9 @@ def prepare(source: str, workdir: Path, quick: bool) -> BenchContext:
         (hf_dir / "generation_config.json").write_text(json.dumps({"bos_token_id": loaded.spec.bos_token_id,
             "eos_token_id": list(loaded.spec.eos_token_ids) or None, "do_sample": False}))
     target = TargetProfile(name="bench", format="pytorch", runtime="pytorch", max_context=512, prefill_lengths=(32, 128))
-    reference = ReferenceRunner.from_decoder(build_decoder(loaded, 512))
-    plan = ev.make_plan(reference, loaded.tokenizer, loaded.spec, target, Evaluation(tokens=128), None)
+    decoder = build_decoder(loaded, 512)
+    reference = ReferenceRunner.from_decoder(decoder)
+    plan = ev.make_plan(decoder, loaded.tokenizer, loaded.spec, target, Evaluation(tokens=128), None)  # one window
     ref_logits = ev.teacher_forced(reference, plan, "reference")
     np.save(workdir / "reference_logits.npy", ref_logits)
     torch.set_num_threads(2)

@@ -91,11 +91,11 @@ def parity_vs_reference(logits, eval_tokens: list[int], reference_logits) -> dic
     """KL mean and top-1 agreement of an anchor's teacher-forced logits against our reference (.npy path)."""
     import numpy as np
 
-    from llmship.validation.evaluate import parity_metrics
+    from llmship.validation.evaluate import next_tokens, parity_metrics
 
     ref = np.load(reference_logits)
     n = min(len(ref), len(logits))
-    metrics, _ = parity_metrics(np.asarray(logits[:n], dtype=np.float32), ref[:n], eval_tokens[:n])
+    metrics, _ = parity_metrics(np.asarray(logits[:n], dtype=np.float32), ref[:n], next_tokens(eval_tokens[:n]))
     return {"kl_mean": metrics["kl_mean"], "top1_agreement": metrics["top1_agreement"]}
 
 

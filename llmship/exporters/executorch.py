@@ -36,6 +36,7 @@ from llmship.errors import ConfigError
 from llmship.exporters import ExportJob, ExportResult, tensor_spec
 
 PTE = "model.pte"
+TIED_COPIES = 2  # a tied embedding/head is stored twice (the lookup's table and XNNPACK's head): what a budget counts
 DEFAULT_GROUP = 32
 INT4_GROUP_MULTIPLE = 32  # XNNPACK's int4 kernels read groups of a multiple of 32 inputs
 # The activation scheme every quantized linear gets: XNNPACK's qd8 dynamic quantization (per token, asymmetric).

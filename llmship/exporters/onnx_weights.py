@@ -209,11 +209,11 @@ def integer_zero_points(model, adder) -> int:
         x, nodes = node.inputs[0], []
         add = adder(nodes, node.name)
 
-        if x not in sums:  # q/k/v and gate/up share their input: one block sum each
+        if (x, block) not in sums:  # q/k/v and gate/up share their input: one block sum per input and block size
             padded = add("Pad", [x, add("Constant", [], value_ints=[0, 0, 0, 0, 0, blocks * block - k])]) if k % block else x
             reshaped = add("Reshape", [padded, add("Constant", [], value_ints=[0, 0, blocks, block])])
-            sums[x] = add("ReduceSum", [reshaped, add("Constant", [], value_ints=[-1])], keepdims=0)
-        correction = add("MatMul", [sums[x], remainder])
+            sums[x, block] = add("ReduceSum", [reshaped, add("Constant", [], value_ints=[-1])], keepdims=0)
+        correction = add("MatMul", [sums[x, block], remainder])
         model.graph.insert_after(node, nodes)
         out = node.outputs[0]
         fixed = ir.node("Sub", [out, correction], name=f"{node.name}/Sub")

@@ -1,7 +1,15 @@
-"""Evaluation through a runner's own entry points: teacher-forced logits and greedy generation."""
+"""Evaluation through a runner's own entry points: teacher-forced logits over windows, and greedy generation.
+
+The evaluation text is cut into windows of up to `max_context` tokens. Each window starts a fresh cache, goes
+mostly through the prefill entry point (in chunks of the longest prefill length) and ends with a few decode
+steps, so both entry points and the cache are exercised at every range of positions, while most tokens are
+scored at prefill's speed. Default text: windows sampled from the FP32 reference (temperature 1, batched),
+seeded; or a user's text files (each a domain, reported on its own), read from their start.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -9,28 +17,54 @@ import numpy as np
 from llmship.errors import ConfigError
 from llmship.progress import bar
 
-
 # Fewer scored tokens than this and top-1 / KL are anecdotes, not measurements.
 MIN_TEXT_TOKENS = 16
+DEFAULT_WINDOW = 256
+
+
+@dataclass(frozen=True)
+class Window:
+    tokens: tuple[int, ...]
+    prefill_tokens: int  # the first this many go through prefill (in chunks); the rest through decode
+    domain: str = "sampled"  # the text it comes from
 
 
 @dataclass(frozen=True)
 class EvalPlan:
-    tokens: tuple[int, ...]  # teacher-forced sequence
-    prefill_tokens: int  # how many of them go through prefill (in chunks); the rest through decode
+    windows: tuple[Window, ...]
     chunk: int  # prefill chunk length
     prompts: tuple[tuple[int, ...], ...]  # greedy-generation prompts (token ids)
     greedy_tokens: int
 
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        return tuple(t for w in self.windows for t in w.tokens)
+
+    def targets(self) -> np.ndarray:
+        """The next token at every scored position, -1 at a window's last position (nothing follows it)."""
+        out = []
+        for w in self.windows:
+            out += list(w.tokens[1:]) + [-1]
+        return np.asarray(out, dtype=np.int64)
+
+    def domains(self) -> np.ndarray:
+        return np.asarray([w.domain for w in self.windows for _ in w.tokens])
+
+
+def single_window_plan(tokens, prefill_tokens: int, chunk: int, prompts, greedy_tokens: int) -> EvalPlan:
+    return EvalPlan((Window(tuple(tokens), prefill_tokens),), chunk, tuple(tuple(p) for p in prompts), greedy_tokens)
+
 
 def teacher_forced(runner, plan: EvalPlan, desc: str = "teacher-forced") -> np.ndarray:
-    """Logits [N, vocab] at every position: prefill chunks first, then one decode step per token."""
-    runner.reset()
-    toks, out = plan.tokens, []
-    for start in range(0, plan.prefill_tokens, plan.chunk):
-        out.append(np.asarray(runner.prefill(toks[start:min(start + plan.chunk, plan.prefill_tokens)], start), dtype=np.float32))
-    for pos in bar(range(plan.prefill_tokens, len(toks)), desc, len(toks) - plan.prefill_tokens):
-        out.append(np.asarray(runner.decode(toks[pos], pos), dtype=np.float32)[None, :])
+    """Logits [N, vocab] at every position of every window: prefill chunks, then one decode step per token."""
+    out = []
+    for w in bar(plan.windows, desc, len(plan.windows), unit="window"):
+        runner.reset()
+        toks = w.tokens
+        for start in range(0, w.prefill_tokens, plan.chunk):
+            out.append(np.asarray(runner.prefill(toks[start:min(start + plan.chunk, w.prefill_tokens)], start), dtype=np.float32))
+        for pos in range(w.prefill_tokens, len(toks)):
+            out.append(np.asarray(runner.decode(toks[pos], pos), dtype=np.float32)[None, :])
     return np.concatenate(out, axis=0)
 
 
@@ -49,8 +83,7 @@ def greedy(runner, prompt: Sequence[int], steps: int, chunk: int) -> list[int]:
 
 
 def sample_text(reference, bos: int | None, n: int, seed: int, vocab: int) -> list[int]:
-    """Evaluation tokens sampled from the FP32 reference (temperature 1) with a fixed seed: text the model
-    finds plausible, so the metrics are measured where the model is used, and no data file is needed."""
+    """One sequence of n tokens sampled from a reference runner (temperature 1) with a fixed seed."""
     rng = np.random.default_rng(seed)
     reference.reset()
     tokens = [bos if bos is not None else int(rng.integers(vocab))]
@@ -62,35 +95,61 @@ def sample_text(reference, bos: int | None, n: int, seed: int, vocab: int) -> li
     return tokens
 
 
-def make_plan(reference, tokenizer, spec, target, evaluation, eval_text: str | None) -> EvalPlan:
-    n = min(evaluation.tokens, target.max_context)
-    bos = spec.bos_token_id
-    text = eval_text or evaluation.text
-    if text:
-        from pathlib import Path
+def _with_bos(ids: list[int], bos: int | None) -> list[int]:
+    return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
 
-        path = Path(text)
-        if not path.is_file():
-            raise ConfigError(f"evaluation text file not found: {text}")
-        ids = tokenizer.encode(path.read_text(errors="replace")).ids
-        if bos is not None and (not ids or ids[0] != bos):
-            ids = [bos, *ids]
-        needed = min(n, MIN_TEXT_TOKENS)
-        if len(ids) < needed:
-            raise ConfigError(f"evaluation text {text} gives {len(ids)} tokens; at least {needed} are needed for the "
-                              "metrics to mean anything")
-        tokens = ids[:n]
+
+def text_files(evaluation, eval_text: str | None) -> list[str]:
+    if eval_text:
+        return [eval_text]
+    text = evaluation.text
+    return [] if not text else [text] if isinstance(text, str) else list(text)
+
+
+def text_windows(tokenizer, bos: int | None, path: str, total: int, window: int, decode: int) -> list[Window]:
+    """Windows over a text file from its start: each begins with BOS (when the model has one) and continues the text."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"evaluation text file not found: {path}")
+    ids = tokenizer.encode(p.read_text(errors="replace")).ids
+    needed = min(total, MIN_TEXT_TOKENS)
+    if len(ids) + (bos is not None) < needed:
+        raise ConfigError(f"evaluation text {path} gives {len(ids)} tokens; at least {needed} are needed for the "
+                          "metrics to mean anything")
+    lead = [] if bos is None else [bos]
+    windows, pos, left = [], 0, total
+    while left > len(lead) and pos < len(ids):
+        take = min(window, left) - len(lead)
+        toks = tuple(lead + ids[pos:pos + take])
+        windows.append(Window(toks, max(1, len(toks) - min(decode, len(toks) // 4)), p.name))
+        pos, left = pos + take, left - len(toks)
+    return windows
+
+
+def sampled_windows(decoder, bos: int | None, total: int, window: int, decode: int, seed: int) -> list[Window]:
+    """Windows sampled from the reference model, all in one batch."""
+    from llmship.compress.calibration import sample_sequences
+
+    count = max(1, -(-total // window))
+    length = min(window, total) if count == 1 else window
+    sequences = sample_sequences(decoder, bos, count, length, seed)
+    return [Window(tuple(s), max(1, len(s) - min(decode, len(s) // 4))) for s in sequences]
+
+
+def make_plan(decoder, tokenizer, spec, target, evaluation, eval_text: str | None) -> EvalPlan:
+    """The evaluation plan for one target: windows of at most max_context, prompts for greedy generation."""
+    window = min(evaluation.window or DEFAULT_WINDOW, target.max_context)
+    decode = evaluation.decode_tokens
+    bos = spec.bos_token_id
+    files = text_files(evaluation, eval_text)
+    if files:
+        windows = [w for f in files for w in text_windows(tokenizer, bos, f, evaluation.tokens, window, decode)]
     else:
-        tokens = sample_text(reference, bos, n, evaluation.seed, spec.vocab_size)
-    chunk = min(target.prefill_lengths)
-    prefill = max(1, min(len(tokens) // 2, max(target.prefill_lengths)))
-    prompts = []
-    for p in evaluation.prompts:
-        ids = tokenizer.encode(p).ids
-        if bos is not None and (not ids or ids[0] != bos):
-            ids = [bos, *ids]
-        prompts.append(tuple(ids[: max(target.prefill_lengths)]))
-    return EvalPlan(tuple(tokens), prefill, chunk, tuple(prompts), min(evaluation.greedy_tokens, target.max_context - max(map(len, prompts))))
+        windows = sampled_windows(decoder, bos, evaluation.tokens, window, decode, evaluation.seed)
+    longest = max(target.prefill_lengths)
+    prompts = tuple(tuple(_with_bos(tokenizer.encode(p).ids, bos)[:longest]) for p in evaluation.prompts)
+    greedy_tokens = min(evaluation.greedy_tokens, target.max_context - max(map(len, prompts)))
+    return EvalPlan(tuple(windows), longest, prompts, greedy_tokens)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -99,39 +158,99 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
-def parity_metrics(logits: np.ndarray, ref: np.ndarray, tokens: Sequence[int]) -> tuple[dict, dict]:
-    """Numbers for report.json's `parity`, and per-position series for the report's plots."""
+def per_token(logits: np.ndarray, ref: np.ndarray, targets: np.ndarray, tie_margin: float = 0.0) -> dict[str, np.ndarray]:
+    """Per-position values every metric is a statistic of."""
     if logits.shape != ref.shape:
         raise ConfigError(f"artifact logits have shape {logits.shape}, reference {ref.shape}")
-    diff = np.abs(logits.astype(np.float64) - ref.astype(np.float64))
-    cos = (logits * ref).sum(-1) / (np.linalg.norm(logits, axis=-1) * np.linalg.norm(ref, axis=-1) + 1e-30)
     lp, lq = log_softmax(ref), log_softmax(logits)
     kl = np.maximum((np.exp(lp) * (lp - lq)).sum(-1), 0.0)
-    targets = np.asarray(tokens[1:])
-    idx = np.arange(len(targets))
-    nll, nll_ref = -lq[idx, targets], -lp[idx, targets]
-    finite = bool(np.isfinite(logits).all())
-    if not finite:
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    scored = targets >= 0
+    idx = np.nonzero(scored)[0]
+    return {
+        "kl": kl,
+        "top1": (logits.argmax(-1) == ref.argmax(-1)).astype(np.float64),
+        "clear": (top2[:, 1] - top2[:, 0]) > tie_margin,  # the reference's best token stands out of rounding's reach
+        "abs_err": np.abs(logits.astype(np.float64) - ref.astype(np.float64)).max(-1),
+        "nll": -lq[idx, targets[idx]], "nll_reference": -lp[idx, targets[idx]],
+        "delta_p": np.exp(lq[idx, targets[idx]]) - np.exp(lp[idx, targets[idx]]),
+    }
+
+
+def next_tokens(tokens: Sequence[int]) -> np.ndarray:
+    """The targets of one plain sequence: each position predicts the next token; the last predicts nothing."""
+    return np.append(np.asarray(tokens[1:], dtype=np.int64), -1)
+
+
+def parity_metrics(logits: np.ndarray, ref: np.ndarray, targets: np.ndarray, tie_margin: float = 0.0,
+                   seed: int = 0) -> tuple[dict, dict]:
+    """Numbers for report.json's `parity` (each statistic with its 95% interval under `intervals`), and
+    per-position series for the report's plots and for paired regression tests. `targets`: the next token at
+    each position, -1 where none follows (EvalPlan.targets, or next_tokens of a plain sequence)."""
+    from llmship.validation.statistics import interval, mean_interval
+
+    targets = np.asarray(targets, dtype=np.int64)
+    if len(targets) != len(logits):
+        raise ConfigError(f"{len(targets)} targets for {len(logits)} positions")
+    lp_ref = log_softmax(ref)
+    scored = targets >= 0
+    nll_ref = -lp_ref[np.nonzero(scored)[0], targets[scored]]
+    if not bool(np.isfinite(logits).all()):
         # NaN/Inf logits: no metric measures anything, and each must fail its gate. Errors are null (a gate on a
         # value not measured fails); agreement and cosine take their worst values.
-        metrics = {"max_abs_err": None, "mean_abs_err": None, "cosine_min": -1.0, "top1_agreement": 0.0, "kl_mean": None,
-                   "kl_p99": None, "ppl_reference": float(np.exp(nll_ref.mean())), "ppl": None,
-                   "eval_tokens": int(len(tokens)), "finite": False}
+        metrics = {"max_abs_err": None, "mean_abs_err": None, "cosine_min": -1.0, "top1_agreement": 0.0, "top1_clear": 0.0,
+                   "kl_mean": None, "kl_median": None, "kl_p99": None, "kl_p999": None, "kl_max": None, "delta_p_mean": None,
+                   "ppl_reference": float(np.exp(nll_ref.mean())), "ppl": None, "eval_tokens": int(len(logits)),
+                   "ties_excluded": 0, "finite": False, "intervals": {}}
         return metrics, {"kl": [], "max_abs_err": []}
+    v = per_token(logits, ref, targets, tie_margin)
+    cos = (logits * ref).sum(-1) / (np.linalg.norm(logits, axis=-1) * np.linalg.norm(ref, axis=-1) + 1e-30)
+    clear = v["clear"]
+    ratio = v["nll"] - v["nll_reference"]
     metrics = {
-        "max_abs_err": float(diff.max()),
-        "mean_abs_err": float(diff.mean()),
+        "max_abs_err": float(v["abs_err"].max()),
+        "mean_abs_err": float(np.abs(logits.astype(np.float64) - ref.astype(np.float64)).mean()),
         "cosine_min": float(np.nan_to_num(cos, nan=-1.0).min()),
-        "top1_agreement": float((logits.argmax(-1) == ref.argmax(-1)).mean()),
-        "kl_mean": float(kl.mean()),
-        "kl_p99": float(np.percentile(kl, 99)),
-        "ppl_reference": float(np.exp(nll_ref.mean())),
-        "ppl": float(np.exp(nll.mean())),
-        "eval_tokens": int(len(tokens)),
+        "top1_agreement": float(v["top1"].mean()),
+        # top-1 where the reference's top two logits are further apart than `tie_margin`: a flip inside a near-tie
+        # is rounding, not disagreement
+        "top1_clear": float(v["top1"][clear].mean()) if clear.any() else 1.0,
+        "ties_excluded": int((~clear).sum()),
+        "kl_mean": float(v["kl"].mean()),
+        "kl_median": float(np.median(v["kl"])),
+        "kl_p99": float(np.percentile(v["kl"], 99)),
+        "kl_p999": float(np.percentile(v["kl"], 99.9)),
+        "kl_max": float(v["kl"].max()),
+        "delta_p_mean": float(v["delta_p"].mean()) if len(v["delta_p"]) else 0.0,
+        "ppl_reference": float(np.exp(v["nll_reference"].mean())),
+        "ppl": float(np.exp(v["nll"].mean())),
+        "eval_tokens": int(len(logits)),
         "finite": True,
     }
-    series = {"kl": [round(float(v), 8) for v in kl], "max_abs_err": [round(float(v), 6) for v in diff.max(-1)]}
+    lo, hi = mean_interval(ratio, seed)
+    metrics["intervals"] = {
+        "kl_mean": list(mean_interval(v["kl"], seed)),
+        "kl_p99": list(interval(v["kl"], lambda x: np.percentile(x, 99), seed)),
+        "top1_agreement": list(mean_interval(v["top1"], seed)),
+        "top1_clear": list(mean_interval(v["top1"][clear], seed)) if clear.sum() > 1 else [metrics["top1_clear"]] * 2,
+        "delta_p_mean": list(mean_interval(v["delta_p"], seed)) if len(v["delta_p"]) > 1 else [0.0, 0.0],
+        "ppl_ratio": [float(np.exp(lo)), float(np.exp(hi))],
+    }
+    series = {"kl": downsample(v["kl"]), "max_abs_err": downsample(v["abs_err"]),
+              "kl_per_token": [float(f"{x:.6g}") for x in v["kl"]]}
     return metrics, series
+
+
+PLOT_POINTS = 512
+
+
+def downsample(values: np.ndarray, points: int = PLOT_POINTS) -> list[float]:
+    """At most `points` values for a plot: each bucket's largest (a long evaluation's spikes stay visible)."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) > points:
+        edges = np.linspace(0, len(values), points + 1).astype(int)
+        values = np.array([values[a:b].max() for a, b in zip(edges[:-1], edges[1:])])
+    return [round(float(x), 8) for x in values]
 
 
 def greedy_match(ours: Sequence[int], ref: Sequence[int]) -> int:

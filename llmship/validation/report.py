@@ -101,6 +101,10 @@ def _fmt(v, digits=4) -> str:
     return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
 
 
+def _pair(v) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
+
 def _ratio(a, b) -> str:
     return "-" if not isinstance(a, (int, float)) or not isinstance(b, (int, float)) or not b else f"{a / b:.4f}"
 
@@ -139,6 +143,23 @@ def markdown(reports: list[dict]) -> str:
         failed = [g for g in r["gates"] if not g["passed"]]
         if failed:
             lines += ["", f"## {r['target']}: failed gates", *[f"- {g['name']}: {_fmt(g['value'])} (limit {_fmt(g['limit'])})" for g in failed]]
+        marginal = [g for g in r["gates"] if g.get("marginal")]
+        if marginal:
+            lines += ["", f"## {r['target']}: marginal gates (the 95% interval straddles the limit; a rerun may flip them)",
+                      *[f"- {g['name']}: {_fmt(g['value'])} [{_fmt(g['interval'][0])}, {_fmt(g['interval'][1])}] (limit {_fmt(g['limit'])})"
+                        for g in marginal if _pair(g.get("interval"))]]
+        search = r.get("search")
+        if isinstance(search, dict) and search.get("steps"):
+            lines += ["", f"## {r['target']}: smallest passing artifact (step {search.get('chosen_step')} chosen)",
+                      "| step | budget B | bytes | KL mean | top-1 | verdict |", "|---|---|---|---|---|---|"]
+            lines += [f"| {st['step']} | {_fmt(st.get('budget_bytes'))} | {_fmt(st.get('bytes'))} | {_fmt(st.get('kl_mean'))} | "
+                      f"{_fmt(st.get('top1_agreement'))} | {'PASS' if st.get('passed') else 'FAIL ' + ', '.join(map(str, st.get('failed_gates') or [])) + str(st.get('stopped') or '')} |"
+                      for st in search["steps"]]
+        for g in (r.get("greedy") or {}).get("text") or []:
+            cut = g.get("first_divergence")
+            lines += ["", f"### {r['target']}: greedy continuation of {g.get('prompt', '')!r} "
+                          f"({'identical' if cut is None else f'first differs at token {cut + 1}'})",
+                      f"- reference: {''.join(g.get('reference', []))!r}", f"- artifact:  {''.join(g.get('artifact', []))!r}"]
     return "\n".join(lines) + "\n"
 
 
@@ -166,18 +187,83 @@ def plot_size_vs_kl(reports: list[dict]) -> str:
     w, h, m = 520, 320, 56
     xs = [r["artifact"]["bytes"] / 1e6 for r in reports]
     ys = [_log(r["parity"]["kl_mean"] if r["parity"]["kl_mean"] is not None else 1e3) for r in reports]
+    bars = [_kl_interval(r) for r in reports]
     x0, x1 = 0, max(xs) * 1.1 or 1
-    y0, y1 = min(ys) - 0.5, max(ys) + 0.5
-    body = _axes(w, h, m, "artifact size (MB)", "KL mean (log10)")
-    for i, (r, x, y) in enumerate(zip(reports, xs, ys)):
+    lows = [_log(b[0]) for b in bars if b] + ys
+    highs = [_log(b[1]) for b in bars if b] + ys
+    y0, y1 = min(lows) - 0.5, max(highs) + 0.5
+    body = _axes(w, h, m, "artifact size (MB)", "KL mean (log10), 95% interval")
+
+    def py(y):
+        return h - m - (y - y0) / (y1 - y0) * (h - m - 34)
+
+    for i, (r, x, y, bar) in enumerate(zip(reports, xs, ys, bars)):
         px = m + (x - x0) / (x1 - x0) * (w - m - 20)
-        py = h - m - (y - y0) / (y1 - y0) * (h - m - 34)
-        body.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="5" fill="{COLORS[i % len(COLORS)]}"/>'
-                    f'<text x="{px + 7:.1f}" y="{py - 6:.1f}" font-size="10">{html.escape(r["target"])}</text>')
+        if bar:  # the interval as an error bar with caps
+            top, bottom = py(_log(bar[1])), py(_log(bar[0]))
+            body.append(f'<g class="errorbar"><line x1="{px:.1f}" y1="{top:.1f}" x2="{px:.1f}" y2="{bottom:.1f}" stroke="#555"/>'
+                        f'<line x1="{px - 4:.1f}" y1="{top:.1f}" x2="{px + 4:.1f}" y2="{top:.1f}" stroke="#555"/>'
+                        f'<line x1="{px - 4:.1f}" y1="{bottom:.1f}" x2="{px + 4:.1f}" y2="{bottom:.1f}" stroke="#555"/></g>')
+        body.append(f'<circle cx="{px:.1f}" cy="{py(y):.1f}" r="5" fill="{COLORS[i % len(COLORS)]}"/>'
+                    f'<text x="{px + 7:.1f}" y="{py(y) - 6:.1f}" font-size="10">{html.escape(str(r["target"]))}</text>')
     body.append(f'<text x="{m - 4}" y="{h - m}" text-anchor="end" font-size="9">{y0:.1f}</text>'
                 f'<text x="{m - 4}" y="34" text-anchor="end" font-size="9">{y1:.1f}</text>'
                 f'<text x="{w - 12}" y="{h - m + 12}" text-anchor="end" font-size="9">{x1:.1f}</text>')
     return _svg(w, h, body, "Size against KL divergence")
+
+
+def plot_search(reports: list[dict]) -> str:
+    """The size-KL curve of each `--smallest` search, one line per target, the chosen step marked."""
+    searched = [r for r in reports if isinstance(r.get("search"), dict) and r["search"].get("steps")]
+    if not searched:
+        return ""
+    w, h, m = 520, 320, 56
+    points = [[(s["bytes"] / 1e6, _log(s["kl_mean"])) for s in r["search"]["steps"]
+               if isinstance(s.get("bytes"), (int, float)) and isinstance(s.get("kl_mean"), (int, float))] for r in searched]
+    xs = [x for p in points for x, _ in p] or [1.0]
+    ys = [y for p in points for _, y in p] or [0.0]
+    x0, x1, y0, y1 = min(xs) * 0.95, max(xs) * 1.05 or 1, min(ys) - 0.3, max(ys) + 0.3
+    body = _axes(w, h, m, "artifact size (MB)", "KL mean (log10)")
+
+    def at(x, y):
+        return m + (x - x0) / max(x1 - x0, 1e-12) * (w - m - 20), h - m - (y - y0) / max(y1 - y0, 1e-12) * (h - m - 34)
+
+    for i, (r, pts) in enumerate(zip(searched, points)):
+        color = COLORS[i % len(COLORS)]
+        body.append(f'<polyline class="series" fill="none" stroke="{color}" points="' + " ".join("%.1f,%.1f" % at(x, y) for x, y in pts) + '"/>')
+        for s, (x, y) in zip([s for s in r["search"]["steps"] if isinstance(s.get("bytes"), (int, float))], pts):
+            px, py = at(x, y)
+            chosen = s["step"] == r["search"].get("chosen_step")
+            body.append(f'<circle class="{"chosen" if chosen else "step"}" cx="{px:.1f}" cy="{py:.1f}" r="{7 if chosen else 3}" '
+                        f'fill="{color if s.get("passed") else "#fff"}" stroke="{color}"/>')
+            if chosen:
+                body.append(f'<text x="{px + 9:.1f}" y="{py - 8:.1f}" font-size="10">{html.escape(str(r["target"]))}: chosen</text>')
+    return _svg(w, h, body, "Smallest passing artifact: size against KL per step")
+
+
+def _kl_interval(r: dict):
+    i = (r["parity"].get("intervals") or {}).get("kl_mean")
+    return i if isinstance(i, list) and len(i) == 2 and all(isinstance(v, (int, float)) for v in i) else None
+
+
+def greedy_panels(reports: list[dict]) -> str:
+    """Each prompt's greedy continuation from the reference and from every artifact, side by side, the first
+    token where they part marked."""
+    parts = []
+    for r in reports:
+        for g in (r.get("greedy") or {}).get("text") or []:
+            cut = g.get("first_divergence")
+
+            def tokens(toks, cut=cut):
+                return "".join(f'<mark class="diverge">{html.escape(str(t))}</mark>' if i == cut else html.escape(str(t))
+                               for i, t in enumerate(toks))
+            verdict = "identical" if cut is None else f"first differs at token {cut + 1}"
+            parts.append(f'<div class="greedy"><h3>{html.escape(str(r["target"]))}: {verdict}</h3>'
+                         f'<p class="prompt">{html.escape(str(g.get("prompt", "")))}</p>'
+                         f'<table class="side"><tr><th>reference</th><th>artifact</th></tr>'
+                         f'<tr><td class="ref">{tokens(g.get("reference", []))}</td><td class="art">{tokens(g.get("artifact", []))}</td></tr>'
+                         f'</table></div>')
+    return "".join(parts) or "<p>No greedy text in these reports (written before llmship recorded it).</p>"
 
 
 def plot_decode_speed(reports: list[dict]) -> str:
@@ -222,9 +308,12 @@ def html_page(reports: list[dict]) -> str:
     notes = "".join(f"<p class=\"note\"><b>{html.escape(str(r['target']))}</b>: {html.escape(str(r['executor_note']))}</p>"
                     for r in reports if r.get("executor_note"))
     gates = "".join(
-        f"<h3>{html.escape(r['target'])}</h3><ul>" + "".join(
+        f"<h3>{html.escape(str(r['target']))}</h3><ul>" + "".join(
             f'<li class="{"pass" if g["passed"] else "fail"}">{html.escape(str(g["name"]))}: {html.escape(_fmt(g["value"]))} '
-            f'(limit {html.escape(_fmt(g["limit"]))}) {"passed" if g["passed"] else "FAILED"}</li>' for g in r["gates"]) + "</ul>"
+            + (f'[{html.escape(_fmt(g["interval"][0]))}, {html.escape(_fmt(g["interval"][1]))}] ' if _pair(g.get("interval")) else "")
+            + f'(limit {html.escape(_fmt(g["limit"]))}) {"passed" if g["passed"] else "FAILED"}'
+            + (' <span class="marginal">marginal: the interval straddles the limit, a rerun may flip it</span>' if g.get("marginal") else "")
+            + "</li>" for g in r["gates"]) + "</ul>"
         for r in reports)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>llmship validation report</title>
@@ -233,7 +322,8 @@ body {{ font-family: system-ui, sans-serif; margin: 24px; color: #222; }}
 table {{ border-collapse: collapse; font-size: 13px; }} th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
 th {{ background: #f3f3f3; }} td.fail, li.fail {{ color: #b00020; font-weight: bold; }} li.pass {{ color: #1b5e20; }}
 .verdict {{ font-size: 20px; font-weight: bold; color: {"#1b5e20" if ok else "#b00020"}; }}
-.plots {{ display: flex; flex-wrap: wrap; gap: 16px; }} .note {{ background: #fff8e1; padding: 8px; border-left: 4px solid #f9a825; }}
+.plots {{ display: flex; flex-wrap: wrap; gap: 16px; }} .marginal {{ color: #9a6700; font-weight: bold; }}
+mark.diverge {{ background: #ffd54f; }} table.side td {{ text-align: left; vertical-align: top; white-space: pre-wrap; width: 45%; }} .note {{ background: #fff8e1; padding: 8px; border-left: 4px solid #f9a825; }}
 </style></head><body>
 <h1>llmship validation report</h1>
 <p class="verdict" id="verdict">{"PASS" if ok else "FAIL"}: {sum(r["passed"] for r in reports)}/{len(reports)} targets passed</p>
@@ -242,8 +332,9 @@ th {{ background: #f3f3f3; }} td.fail, li.fail {{ color: #b00020; font-weight: b
 compressed reference, the recipe's own weights and activation quantization in PyTorch (what the converter added).</p>
 <table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>
 {notes}
-<h2>Plots</h2><div class="plots">{plot_size_vs_kl(reports)}{plot_decode_speed(reports)}{plot_error_along_sequence(reports)}</div>
+<h2>Plots</h2><div class="plots">{plot_size_vs_kl(reports)}{plot_decode_speed(reports)}{plot_error_along_sequence(reports)}{plot_search(reports)}</div>
 <h2>Gates</h2>{gates}
+<h2>Greedy continuations</h2>{greedy_panels(reports)}
 <script>
 // Marks how many plots actually laid out with visible marks; the browser test reads it.
 window.addEventListener("load", function () {{
@@ -252,6 +343,11 @@ window.addEventListener("load", function () {{
     return box.width > 0 && box.height > 0 && s.querySelectorAll("circle, rect, polyline").length > 0;
   }});
   document.body.setAttribute("data-plots-rendered", String(drawn.length));
+  var bars = Array.prototype.filter.call(document.querySelectorAll("g.errorbar"), function (g) {{
+    var box = g.getBoundingClientRect();
+    return box.height > 0;
+  }});
+  document.body.setAttribute("data-errorbars-rendered", String(bars.length));
 }});
 </script>
 </body></html>

@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from llmship.errors import ConfigError
 from llmship.manifest import REPORT, check_integrity, read_manifest, write_text_atomic
 from llmship.progress import say, stage
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: windows, intervals, tie-robust top-1, conversion, greedy text (version 1 reports still render)
 # What a baseline report must hold for the regression gates to mean anything.
 BASELINE_FIELDS = ("artifact.bytes", "latency.decode_tok_s", "parity.kl_mean")
 
@@ -45,14 +47,13 @@ def load_baseline(path: str | Path | None, target: str) -> dict | None:
 
 def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval_text: str | None = None,
                       baseline: str | Path | None = None, loaded=None) -> dict:
-    """Run the artifact on its runtime against the FP32 reference; write report.json; return it."""
+    """Run the artifact on its runtime against the FP32 and the compressed reference; write report.json; return it."""
     from llmship.models import build_decoder, load_model
     from llmship.targets import target_from_manifest
     from llmship.validation import evaluate as ev
     from llmship.validation.gates import check_gates, failure_message
     from llmship.validation.latency import run_in_child
     from llmship.validation.runners import open_runner
-    from llmship.validation.runners.reference import ReferenceRunner
 
     artifact_dir = Path(artifact_dir)
     manifest = read_manifest(artifact_dir)
@@ -67,27 +68,19 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
     runner = open_runner(artifact_dir, manifest, target.threads)  # a missing runtime stops here, before any evaluation
     try:
         say(f"{target.name}: reference {loaded.source}")
-        reference = ReferenceRunner.from_decoder(build_decoder(loaded, target.max_context), threads=target.threads)
-        plan = ev.make_plan(reference, loaded.tokenizer, loaded.spec, target, config.evaluation, eval_text)
-        ref_logits = ev.teacher_forced(reference, plan, "reference")
-        ref_greedy = [ev.greedy(reference, p, plan.greedy_tokens, plan.chunk) for p in plan.prompts]
-        comp_logits, comp_greedy, floor = ref_logits, ref_greedy, None
-        if record is not None:
-            from llmship.compress.reference import compressed_reference
-
-            compressed = ReferenceRunner.from_decoder(compressed_reference(loaded, record, target.max_context), threads=target.threads)
-            comp_logits = ev.teacher_forced(compressed, plan, "compressed reference")
-            comp_greedy = [ev.greedy(compressed, p, plan.greedy_tokens, plan.chunk) for p in plan.prompts]
-            floor = noise_floor(loaded, record, target, plan, comp_logits)
-        say(f"{target.name}: evaluating {len(plan.tokens)} tokens on {runner.executor}")
+        plan = ev.make_plan(build_decoder(loaded, target.max_context), loaded.tokenizer, loaded.spec, target, config.evaluation, eval_text)
+        references = reference_results(loaded, record, target, plan)
+        say(f"{target.name}: evaluating {len(plan.tokens)} tokens in {len(plan.windows)} windows on {runner.executor}")
         logits = ev.teacher_forced(runner, plan, target.name)
         our_greedy = [ev.greedy(runner, p, plan.greedy_tokens, plan.chunk) for p in plan.prompts]
     finally:
         runner.close()
-    parity, series = compare(logits, our_greedy, ref_logits, ref_greedy, plan)
-    conversion, conversion_series = compare(logits, our_greedy, comp_logits, comp_greedy, plan)
+    margin = target.gates.top1_tie_margin
+    parity, series = compare(logits, our_greedy, references["fp32"], references["fp32_greedy"], plan, margin)
+    conversion, conversion_series = compare(logits, our_greedy, references["compressed"], references["compressed_greedy"], plan, margin)
     conversion["reference"] = "compressed (record digest %s)" % record.digest()[:12] if record is not None else "fp32 (no quantized weights)"
-    if record is not None and floor is not None:
+    if "floor" in references:
+        floor = float(references["floor"])
         conversion["noise_floor_kl_mean"] = floor
         conversion["floor_ratio"] = conversion["kl_mean"] / max(floor, 1e-12) if conversion["kl_mean"] is not None else None
     series["conversion_kl"] = conversion_series["kl"]
@@ -98,6 +91,7 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
     changed = sorted(set(check_integrity(artifact_dir, manifest)["mismatched"]) - set(integrity["mismatched"]))
     total_bytes = sum(f["bytes"] for f in integrity["files"].values())
     params = manifest["model"]["params"]
+    ref_greedy = [list(map(int, g)) for g in references["fp32_greedy"]]
     report = {
         "report_version": REPORT_VERSION,
         "target": target.name,
@@ -108,12 +102,18 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
         "recipe": target.recipe.model_dump(),
         "artifact": {"bytes": total_bytes, "files": integrity["files"], "params": params, "bytes_per_param": total_bytes / params},
         "integrity": {"mismatched": integrity["mismatched"], "changed_by_validation": changed},
+        "evaluation": {"tokens": len(plan.tokens), "windows": len(plan.windows), "domains": sorted({w.domain for w in plan.windows}),
+                       "tokens_sha256": tokens_digest(plan), "tie_margin": margin},
         "parity": parity,
+        "parity_by_domain": by_domain(logits, references["fp32"], plan, margin),
         "conversion": conversion,
         "compression": None if record is None else {
             "algorithm": record.algorithm, "digest": record.digest(), "matrices": len(record.tensors),
-            "stored_bytes": sum(t.stored_bytes() for t in record.tensors.values()), "notes": record.notes},
-        "greedy": {"reference": ref_greedy, "artifact": our_greedy, "compressed_reference": comp_greedy},
+            "stored_bytes": sum(t.stored_bytes() for t in record.tensors.values()), "notes": record.notes,
+            **allocation_summary(manifest)},
+        "greedy": {"reference": ref_greedy, "artifact": our_greedy,
+                   "compressed_reference": [list(map(int, g)) for g in references["compressed_greedy"]],
+                   "text": greedy_text(loaded.tokenizer, plan, ref_greedy, our_greedy)},
         "series": series,
         "latency": {k: timing[k] for k in ("threads", "load_s", "ttft_ms", "ttft_ms_by_prefill_length", "prefill_tok_s",
                                             "decode_tok_s", "decode_ms_p50", "decode_ms_p90")},
@@ -128,6 +128,88 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
     return report
 
 
+def reference_results(loaded, record, target, plan) -> dict:
+    """The FP32 reference's logits and greedy tokens on the plan, the compressed reference's, and the noise floor:
+    each computed once per (model weights, plan) or (record, plan) and cached on disk."""
+    from llmship.models import build_decoder
+    from llmship.validation import cache
+    from llmship.validation import evaluate as ev
+    from llmship.validation.runners.reference import ReferenceRunner
+
+    def run(decoder, desc):
+        runner = ReferenceRunner.from_decoder(decoder, threads=target.threads)
+        return {"logits": ev.teacher_forced(runner, plan, desc),
+                "greedy": np.asarray([ev.greedy(runner, p, plan.greedy_tokens, plan.chunk) for p in plan.prompts], dtype=np.int64)}
+
+    planned = cache.plan_digest(plan)
+    fp32 = cache.cached("fp32", (cache.weights_digest(loaded.weights), planned, target.max_context),
+                        lambda: run(build_decoder(loaded, target.max_context), "reference"))
+    out = {"fp32": fp32["logits"], "fp32_greedy": fp32["greedy"], "compressed": fp32["logits"], "compressed_greedy": fp32["greedy"]}
+    if record is None:
+        return out
+    from llmship.compress.reference import compressed_reference, has_dynamic_activations
+
+    comp = cache.cached("compressed", (record.digest(), planned, target.max_context),
+                        lambda: run(compressed_reference(loaded, record, target.max_context), "compressed reference"))
+    out.update(compressed=comp["logits"], compressed_greedy=comp["greedy"])
+    if has_dynamic_activations(record):
+        def floor():
+            noisy = ReferenceRunner.from_decoder(compressed_reference(loaded, record, target.max_context, noise_seed=0), threads=target.threads)
+            metrics, _ = ev.parity_metrics(ev.teacher_forced(noisy, plan, "noise floor"), comp["logits"], plan.targets())
+            return {"floor": np.asarray(metrics["kl_mean"])}
+        out["floor"] = cache.cached("floor", (record.digest(), planned, target.max_context), floor)["floor"]
+    return out
+
+
+def allocation_summary(manifest: dict) -> dict:
+    """What a budget chose (kept small in the report: counts per grid; the manifest has every matrix)."""
+    allocation = (manifest.get("compression") or {}).get("allocation")
+    if not allocation:
+        return {}
+    return {"budget_bytes": allocation["budget_bytes"], "allocation_counts": allocation["counts"],
+            "predicted_sensitivity": allocation["sensitivity"]}
+
+
+def tokens_digest(plan) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.asarray(plan.tokens, dtype=np.int64).tobytes()).hexdigest()
+
+
+def by_domain(logits, ref, plan, margin) -> dict:
+    """Parity on each text of a multi-text evaluation (empty for one text)."""
+    from llmship.validation import evaluate as ev
+
+    domains = plan.domains()
+    names = sorted(set(domains))
+    if len(names) < 2:
+        return {}
+    targets = plan.targets()
+    out = {}
+    for name in names:
+        rows = domains == name
+        metrics, _ = ev.parity_metrics(logits[rows], ref[rows], targets[rows], margin)
+        out[name] = {k: metrics[k] for k in ("kl_mean", "top1_agreement", "top1_clear", "ppl", "ppl_reference", "eval_tokens", "intervals")
+                     if k in metrics}
+    return out
+
+
+def greedy_text(tokenizer, plan, reference: list[list[int]], artifact: list[list[int]]) -> list[dict]:
+    """Each prompt's greedy continuation from the reference and the artifact, decoded, and where they first differ."""
+    from llmship.validation.evaluate import greedy_match
+
+    def pieces(prompt, tokens):  # each token's text in context (a lone sentencepiece token loses its space)
+        texts = [tokenizer.decode(list(prompt) + list(tokens[:i]), skip_special_tokens=True) for i in range(len(tokens) + 1)]
+        return [b[len(a):] if b.startswith(a) else tokenizer.decode([t]) for a, b, t in zip(texts, texts[1:], tokens)]
+
+    out = []
+    for prompt, ref, ours in zip(plan.prompts, reference, artifact):
+        n = greedy_match(ours, ref)
+        out.append({"prompt": tokenizer.decode(list(prompt), skip_special_tokens=True), "reference": pieces(prompt, ref),
+                    "artifact": pieces(prompt, ours), "first_divergence": None if n == len(ref) else n})
+    return out
+
+
 def compressed_record(loaded, manifest: dict, config, eval_text: str | None):
     """The record the artifact was built from, or None for an artifact without quantized weights."""
     compression = manifest.get("compression")
@@ -138,26 +220,12 @@ def compressed_record(loaded, manifest: dict, config, eval_text: str | None):
     return rebuild_record(loaded, compression, config.calibration, config.evaluation, eval_text)
 
 
-def noise_floor(loaded, record, target, plan, comp_logits) -> float | None:
-    """KL between the compressed reference and itself with kernel-rounding-sized noise on the inputs of the
-    linears whose activations the runtime quantizes dynamically: how closely any correct kernel can match it.
-    None when the recipe quantizes no activations (then the artifact can match to rounding)."""
-    from llmship.compress.reference import compressed_reference, has_dynamic_activations
-    from llmship.validation import evaluate as ev
-    from llmship.validation.runners.reference import ReferenceRunner
-
-    if not has_dynamic_activations(record):
-        return None
-    noisy = ReferenceRunner.from_decoder(compressed_reference(loaded, record, target.max_context, noise_seed=0), threads=target.threads)
-    metrics, _ = ev.parity_metrics(ev.teacher_forced(noisy, plan, "noise floor"), comp_logits, plan.tokens)
-    return metrics["kl_mean"]
-
-
-def compare(logits, greedy, ref_logits, ref_greedy, plan) -> tuple[dict, dict]:
+def compare(logits, greedy, ref_logits, ref_greedy, plan, margin: float = 0.0) -> tuple[dict, dict]:
     """Parity metrics of an artifact's teacher-forced logits and greedy tokens against one reference."""
     from llmship.validation import evaluate as ev
 
-    metrics, series = ev.parity_metrics(logits, ref_logits, plan.tokens)
+    ref_greedy = [list(map(int, g)) for g in ref_greedy]
+    metrics, series = ev.parity_metrics(logits, ref_logits, plan.targets(), margin)
     matched = sum(ev.greedy_match(o, r) for o, r in zip(greedy, ref_greedy)) if metrics["finite"] else 0
     total = sum(len(r) for r in ref_greedy)
     metrics.update(greedy_match=matched, greedy_total=total, greedy_fraction=matched / total if total else 0.0,

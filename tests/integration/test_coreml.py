@@ -44,7 +44,7 @@ def reference(loaded, max_context: int) -> ReferenceRunner:
 
 
 def plan(tokens, prefill_tokens: int, chunk: int, greedy_prompt) -> ev.EvalPlan:
-    return ev.EvalPlan(tuple(tokens), prefill_tokens, chunk, (tuple(greedy_prompt),), 32)
+    return ev.single_window_plan(tokens, prefill_tokens, chunk, (greedy_prompt,), 32)
 
 
 def parity(artifact, loaded, n_tokens: int = 64, prefill_tokens: int = 24, chunk: int = 16, seed: int = 0):
@@ -53,7 +53,7 @@ def parity(artifact, loaded, n_tokens: int = 64, prefill_tokens: int = 24, chunk
     runner, ref = open_runner(path, manifest), reference(loaded, manifest["max_context"])
     tokens = ev.sample_text(ref, loaded.spec.bos_token_id, n_tokens, seed=seed, vocab=loaded.spec.vocab_size)
     p = plan(tokens, prefill_tokens, chunk, tokens[:6])
-    metrics, _ = ev.parity_metrics(ev.teacher_forced(runner, p), ev.teacher_forced(ref, p), tokens)
+    metrics, _ = ev.parity_metrics(ev.teacher_forced(runner, p), ev.teacher_forced(ref, p), p.targets())
     greedy = ev.greedy_match(ev.greedy(runner, p.prompts[0], 32, chunk), ev.greedy(ref, p.prompts[0], 32, chunk))
     return metrics, greedy
 

@@ -76,7 +76,7 @@ def test_conversion_is_at_fp16_rounding_level_while_parity_carries_the_recipe(st
 
 @pytest.mark.shared
 def test_a_planted_converter_fault_passes_parity_but_fails_conversion(stories, tmp_path, monkeypatch):
-    """One matrix's block scales shifted by one block, as a converter bug would: small enough that the int4
+    """Some of one matrix's block scales shifted by one block, as a converter bug would: small enough that the int4
     recipe's parity gates pass, caught by the conversion gate."""
     from llmship.exporters import coreml_weights
 
@@ -84,8 +84,9 @@ def test_a_planted_converter_fault_passes_parity_but_fails_conversion(stories, t
 
     def shifted(t, dtype):
         data, scale, offset = real(t, dtype)
-        if t.name == "model.layers.3.self_attn.o_proj":
-            scale = np.roll(scale, 1, axis=1)
+        if t.name == "model.layers.3.self_attn.o_proj":  # eight output channels' block scales one block off
+            scale = scale.copy()
+            scale[:8] = np.roll(scale[:8], 1, axis=1)
         return data, scale, offset
 
     monkeypatch.setattr(coreml_weights, "blockwise_arrays", shifted)

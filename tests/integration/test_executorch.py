@@ -42,9 +42,9 @@ def parity(runner_, ref, tokens, prompt, chunk=PREFILL[0], prefill_tokens=PREFIL
     """Teacher-forced logits (prefill chunks, then one decode step per token) and greedy generation."""
     from llmship.validation import evaluate as ev
 
-    plan = ev.EvalPlan(tuple(tokens), prefill_tokens, chunk, (tuple(prompt),), greedy_steps)
+    plan = ev.single_window_plan(tokens, prefill_tokens, chunk, (prompt,), greedy_steps)
     ours, theirs = ev.teacher_forced(runner_, plan), ev.teacher_forced(ref, plan)
-    metrics, _ = ev.parity_metrics(ours, theirs, plan.tokens)
+    metrics, _ = ev.parity_metrics(ours, theirs, plan.targets())
     metrics["greedy"] = ev.greedy_match(ev.greedy(runner_, prompt, greedy_steps, chunk), ev.greedy(ref, prompt, greedy_steps, chunk))
     return metrics
 

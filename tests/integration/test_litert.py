@@ -56,7 +56,7 @@ def prompt(loaded, n: int, seed: int = 0) -> list[int]:
 
 
 def plan(tokens, prefill_tokens, chunk, greedy_prompt, greedy_tokens=32) -> ev.EvalPlan:
-    return ev.EvalPlan(tuple(tokens), prefill_tokens, chunk, (tuple(greedy_prompt),), greedy_tokens)
+    return ev.single_window_plan(tokens, prefill_tokens, chunk, (greedy_prompt,), greedy_tokens)
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +243,7 @@ def test_stories_fp32_top1_and_greedy_match_reference(stories, stories_fp32):
     tokens = ev.sample_text(ref, stories.spec.bos_token_id, 48, seed=0, vocab=stories.spec.vocab_size)
     p = plan(tokens, prefill_tokens=16, chunk=16, greedy_prompt=tokens[:6])
     ours, theirs = ev.teacher_forced(runner, p), ev.teacher_forced(ref, p)
-    metrics, _ = ev.parity_metrics(ours, theirs, tokens)
+    metrics, _ = ev.parity_metrics(ours, theirs, ev.next_tokens(tokens))
     assert metrics["top1_agreement"] == 1.0 and metrics["max_abs_err"] <= 1e-4
     assert ev.greedy_match(ev.greedy(runner, p.prompts[0], 32, 4), ev.greedy(ref, p.prompts[0], 32, 4)) == 32
 
@@ -263,7 +263,7 @@ def test_stories_int8_is_smaller_and_within_its_gates(stories, stories_fp32, sto
     runner, ref = open_litert(stories_int8), reference(stories)
     tokens = ev.sample_text(ref, stories.spec.bos_token_id, 64, seed=1, vocab=stories.spec.vocab_size)
     p = plan(tokens, prefill_tokens=16, chunk=16, greedy_prompt=tokens[:6])
-    metrics, _ = ev.parity_metrics(ev.teacher_forced(runner, p), ev.teacher_forced(ref, p), tokens)
+    metrics, _ = ev.parity_metrics(ev.teacher_forced(runner, p), ev.teacher_forced(ref, p), p.targets())
     gates = get_profile("litert-int8").gates
     assert metrics["top1_agreement"] >= gates.top1_agreement_min
     assert metrics["kl_mean"] <= gates.kl_mean_max
@@ -281,7 +281,7 @@ def test_smollm2_fp32_matches_reference(smollm2, tmp_path):
     runner, ref = open_litert(artifact), reference(loaded, 128)
     tokens = ev.sample_text(ref, loaded.spec.bos_token_id, 64, seed=0, vocab=loaded.spec.vocab_size)
     p = plan(tokens, prefill_tokens=32, chunk=32, greedy_prompt=tokens[:8])
-    metrics, _ = ev.parity_metrics(ev.teacher_forced(runner, p), ev.teacher_forced(ref, p), tokens)
+    metrics, _ = ev.parity_metrics(ev.teacher_forced(runner, p), ev.teacher_forced(ref, p), p.targets())
     assert metrics["top1_agreement"] == 1.0 and metrics["kl_mean"] <= 1e-6
     assert ev.greedy_match(ev.greedy(runner, p.prompts[0], 32, 32), ev.greedy(ref, p.prompts[0], 32, 32)) == 32
 

@@ -217,3 +217,42 @@ def test_latency_child_reports_its_own_memory_not_its_parents(tiny, tmp_path):
     held = np.ones(2 * 2**30 // 8)  # 2 GiB resident in this (the parent) process
     child = run_in_child(artifact, threads=1, decode_steps=4)["peak_rss_mb"]
     assert held.sum() > 0 and 0 < child < 1024
+
+
+def noisy(loaded, scale: float, seed: int = 0):
+    """The model with every matrix perturbed by `scale` times its own spread (KL grows about as scale squared)."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = {k: (v + scale * v.std() * torch.randn(v.shape, generator=gen)) if v.ndim == 2 else v for k, v in loaded.weights.items()}
+    return dataclasses.replace(loaded, weights=weights)
+
+
+def test_intervals_overlap_across_seeds_and_the_regression_gate_catches_a_20_percent_worsening(stories, tmp_path):
+    """Two validations of one artifact with other evaluation seeds agree within their intervals, and pass the
+    regression gate against each other; the same evaluation of a model 20% worse (in KL) fails it."""
+    from llmship.config import BuildConfig
+    from llmship.validation.stage import validate_artifact
+
+    relaxed = {"max_abs_err": None, "kl_mean_max": 1.0, "top1_agreement_min": 0.5, "greedy_match_min": None}
+
+    def config(seed):
+        return BuildConfig.model_validate({"evaluation": {"tokens": 1024, "seed": seed, "latency_runs": 2},
+                                           "overrides": {"pytorch-fp32": {"gates": relaxed}}})
+
+    # the reference is the clean model; the artifacts hold perturbed weights
+    a = export_with(stories, noisy(stories, 0.06).weights, tmp_path / "a")
+    b = export_with(stories, noisy(stories, 0.06 * 1.1).weights, tmp_path / "b")  # ~1.21x the KL
+    base = validate_artifact(a, config(0), loaded=stories)
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    other = validate_artifact(a, config(1), loaded=stories, baseline=tmp_path / "base.json")
+    i, j = base["parity"]["intervals"]["kl_mean"], other["parity"]["intervals"]["kl_mean"]
+    assert i[0] <= j[1] and j[0] <= i[1], (i, j)  # the intervals overlap
+    assert base["parity"]["eval_tokens"] >= 1024
+    gate = next(g for g in other["gates"] if g["name"] == "regression.kl_mean")
+    assert gate["passed"] and gate["method"] == "intervals"
+    again = validate_artifact(a, config(0), loaded=stories, baseline=tmp_path / "base.json")
+    gate = next(g for g in again["gates"] if g["name"] == "regression.kl_mean")
+    assert gate["passed"] and gate["method"] == "paired"
+    worse = validate_artifact(b, config(0), loaded=stories, baseline=tmp_path / "base.json")
+    assert worse["parity"]["kl_mean"] > 1.15 * base["parity"]["kl_mean"]
+    gate = next(g for g in worse["gates"] if g["name"] == "regression.kl_mean")
+    assert not gate["passed"] and gate["method"] == "paired" and gate["difference"][1] > 0

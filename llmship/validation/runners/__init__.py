@@ -19,7 +19,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from llmship.errors import ConfigError, ManifestError
+from llmship.errors import ConfigError, LlmshipError, ManifestError, StepFailed
 
 
 class Runner(Protocol):
@@ -90,4 +90,11 @@ def open_runner(artifact_dir: str | Path, manifest: dict, threads: int | None = 
     if entry.name != manifest["format"]:
         raise ManifestError(f"{artifact_dir}: manifest says format {manifest['format']} but runtime {manifest['runtime']} "
                             f"runs format {entry.name}")
-    return runner_factory(entry.name)(Path(artifact_dir), manifest, threads or manifest.get("threads", 2))
+    factory = runner_factory(entry.name)
+    try:
+        return factory(Path(artifact_dir), manifest, threads or manifest.get("threads", 2))
+    except LlmshipError:
+        raise
+    except Exception as exc:  # the runtime refuses the file: say so in one line (exit 4), it is not the user's input
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
+        raise StepFailed(f"{artifact_dir}: {entry.runtime} cannot open the artifact: {type(exc).__name__}: {detail}") from None
