@@ -25,7 +25,7 @@ def brute_force(costs, budget):
 def test_the_allocation_is_optimal_on_convex_choices_and_never_exceeds_the_budget():
     rng = random.Random(0)
     worst_gap = 0.0
-    for trial in range(60):
+    for _ in range(60):
         costs = {}
         for m in range(5):
             size = rng.randint(10, 100)  # a quantization ladder: more bytes, less sensitivity, diminishing returns
