@@ -20,6 +20,10 @@ def check(target, spec=None) -> None:
         raise ConfigError(f"{target.name}: recipe.weights {target.recipe.weights}: the fake runtime holds fp32 only")
 
 
+def weight_plan(target, spec) -> tuple[dict, dict]:
+    return {}, {}  # fp32 only: nothing for the compression stage to quantize
+
+
 def export(job: ExportJob) -> ExportResult:
     return reference_format.export(job)
 

@@ -156,6 +156,9 @@ def run_bench(source: str, out: Path, quick: bool = False, anchors: list[str] | 
         except Exception as exc:  # an anchor that cannot run is listed with its error, not dropped
             rows.append(row(runtime="?", tool=name, recipe="-", model=ctx.model, error=f"{type(exc).__name__}: {str(exc)[:300]}"))
     add_roofline(rows, machine)
-    results = {"machine": machine, "model": ctx.model, "source": source, "params": ctx.params, "quick": quick, "rows": rows}
+    from llmship.bench.compression import rows as compression_rows
+
+    results = {"machine": machine, "model": ctx.model, "source": source, "params": ctx.params, "quick": quick, "rows": rows,
+               "compression": compression_rows(ctx)}
     write_outputs(results, out)
     return results

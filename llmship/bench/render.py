@@ -55,6 +55,12 @@ def markdown(results: dict) -> str:
                      f"{_f(r['load_s'], '{:.2f}')} | {_f(r['ttft_ms'], '{:.1f}')} | {_f(r['prefill_tok_s'], '{:.1f}')} | "
                      f"{_f(r['decode_tok_s'], '{:.1f}')} | {_f(r['roofline_fraction'], '{:.2f}')} | {_f(r['kl_mean'])} | "
                      f"{_f(r['top1_agreement'], '{:.3f}')} | {(r['error'] or '').replace('|', '/')} |")
+    if results.get("compression"):
+        lines += ["", "## The compression stage's cost (child process, cold cache)", "",
+                  "| step | target | wall s | peak RSS MB | detail |", "|---|---|---|---|---|"]
+        for c in results["compression"]:
+            detail = c.get("error") or ", ".join(f"{k} {v}" for k, v in c.items() if k not in ("step", "target", "model", "wall_s", "peak_rss_mb", "error", "seconds"))
+            lines.append(f"| {c['step']} | {c['target']} | {_f(c.get('wall_s'), '{:.1f}')} | {_f(c.get('peak_rss_mb'), '{:.0f}')} | {detail} |")
     return "\n".join(lines) + "\n"
 
 

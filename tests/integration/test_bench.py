@@ -75,3 +75,15 @@ def test_fp32_rows_match_the_reference(bench):
         r = by[key]
         assert r["error"] is None, r
         assert r["top1_agreement"] == 1.0 and r["kl_mean"] < 1e-6, r
+
+
+def test_the_compression_stage_is_costed(bench):
+    """GPTQ and the sensitivity/allocation step each ran in a child process with a cold cache, and say what they did."""
+    out, results = bench
+    steps = {c["step"]: c for c in results["compression"]}
+    assert set(steps) == {"gptq", "sensitivity"}
+    for c in steps.values():
+        assert c["error"] is None, c
+        assert c["wall_s"] > c["seconds"] > 0 and c["peak_rss_mb"] > 0 and c["matrices"] > 0, c
+    assert sum(steps["sensitivity"]["counts"].values()) == steps["sensitivity"]["matrices"]
+    assert "The compression stage's cost" in (out / "results.md").read_text()

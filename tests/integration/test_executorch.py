@@ -211,7 +211,7 @@ def record_and_decoder(loaded, target):
     from llmship.models import build_decoder
     from llmship.pipeline import compression_record
 
-    record = compression_record(loaded, target, et, BuildConfig())
+    record, _ = compression_record(loaded, target, et, BuildConfig())
     return record, build_decoder(loaded, CONTEXT, weights=record.dequantized_weights(loaded.weights))
 
 

@@ -87,15 +87,19 @@ def test_conversion_stays_at_the_noise_floor_of_dynamic_activation_quantization(
 
 @pytest.mark.shared
 def test_a_planted_converter_fault_passes_parity_but_fails_conversion(stories, tmp_path, monkeypatch):
-    """One matrix's block scales shifted by one block when written into the graph: small enough for the int4
-    recipe's parity gates, caught by the conversion gate."""
+    """Eight rows of one matrix get their neighbours' block scales when written into the graph: small enough for
+    the int4 recipe's parity gates, caught by the conversion gate."""
     from llmship.exporters import onnx_weights
 
     real = onnx_weights.nbits_arrays
 
     def shifted(t):
         packed, scales, zero = real(t)
-        return (packed, np.roll(scales, 1, axis=1), zero) if t.name == "model.layers.3.self_attn.o_proj" else (packed, scales, zero)
+        if t.name != "model.layers.3.self_attn.o_proj":
+            return packed, scales, zero
+        scales = scales.copy()
+        scales[:8] = np.roll(scales[:8], 1, axis=1)
+        return packed, scales, zero
 
     monkeypatch.setattr(onnx_weights, "nbits_arrays", shifted)
     art = export_artifact(stories, target("onnx-int4", max_context=256, prefill_lengths=(32,)), tmp_path / "faulty")
