@@ -26,12 +26,14 @@ INDEX = "index.json"
 def inputs_sha256(config, target, source_digest: str) -> str:
     """The build inputs of one target: what a rebuild compares. The toolchain is the format registry's list
     (the same packages the manifest records), so upgrading any of them rebuilds the target."""
+    from llmship.adapters import digests as adapter_digests
     from llmship.compress import code_digest
     from llmship.formats import toolchain_packages
 
     record = {
         "source": config.model,
         "source_files": source_digest,
+        "adapters": adapter_digests(config.adapters),
         "target": target.model_dump(mode="json"),
         "evaluation": config.evaluation.model_dump(mode="json"),
         # the compression record's inputs (its digest is a function of these and the source): calibration
@@ -109,7 +111,7 @@ def build(config, only: list[str] | None = None, baseline: str | None = None, de
           platform: str | None = None) -> int:
     """Export and validate the targets into `config.out` (or its platform layout); 1 when a gate failed."""
     from llmship.config import write_resolved
-    from llmship.models import load_model
+    from llmship.adapters import load_source
     from llmship.models.sources import model_slug
     from llmship.outputs import BUILD_MARK, OutputError, check_build_dir
     from llmship.targets import resolve_target
@@ -128,7 +130,7 @@ def build(config, only: list[str] | None = None, baseline: str | None = None, de
     loaded = None
     if any(report is None and twin is None for *_, report, twin in plan):
         say(f"loading {config.model}")
-        loaded = load_model(config.model)
+        loaded = load_source(config.model, config.adapters)
     try:
         root.mkdir(parents=True, exist_ok=True)
         write_resolved(config, profiles, out / BUILD_MARK)

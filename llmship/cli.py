@@ -26,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="output directory (overrides the config's `out`)")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. evaluation.tokens=64")
     b.add_argument("--baseline", help="directory of a previous build to check for regressions")
+    b.add_argument("--adapter", action="append", default=[], metavar="DIR", help=ADAPTER_HELP)
     b.add_argument("--platform", choices=["android", "ios"], help="build the platform's target set into its app layout")
     b.add_argument("--smallest", action="store_true", help="search each target for the smallest artifact that passes its gates "
                                                            "(lowers a size budget in steps; config: search.mode smallest)")
@@ -36,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True)
     e.add_argument("--config", help="YAML config whose overrides apply")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    e.add_argument("--adapter", action="append", default=[], metavar="DIR", help=ADAPTER_HELP)
 
     v = sub.add_parser("validate", help="run an artifact on its runtime, compare with the FP32 reference, gate")
     v.add_argument("artifact")
@@ -69,7 +71,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+ADAPTER_HELP = "a PEFT LoRA adapter directory to merge into the weights (adapters.list.<dir name>=DIR)"
+
+
+def adapter_sets(dirs: list[str]) -> list[str]:
+    """`--adapter DIR` as the config field it stands for: adapters.list.<the directory's name>=DIR."""
+    from pathlib import Path
+
+    return [f"adapters.list.{Path(d).name or 'adapter'}={d}" for d in dirs]
+
+
 def cmd_targets(args) -> int:
+    from llmship.formats import get_format
     from llmship.targets import all_profiles
 
     for t in all_profiles().values():
@@ -81,6 +94,7 @@ def cmd_targets(args) -> int:
         if t.description:
             print(f"{'':<20} {t.description}")
         print(f"{'':<20} gates: {gates or 'none'}")
+        print(f"{'':<20} adapters: {', '.join(get_format(t.format).adapter_modes)}")
     return 0
 
 
@@ -91,6 +105,10 @@ def cmd_inspect(args) -> int:
     total = sum(f["bytes"] for f in m["files"].values())
     print(f"target      {m['target']}  ({m['format']} on {m['runtime']}, {m.get('threads')} threads)")
     print(f"source      {m['source']}  ({m['model']['architecture']}, {m['model']['params']:,} params)")
+    adapters = m.get("adapters") if isinstance(m.get("adapters"), dict) else {}
+    for a in adapters.get("list") or []:
+        print(f"adapter     {a.get('name')} ({adapters.get('mode')}): {a.get('path')}, {a.get('modules')} modules, "
+              f"rank {a.get('ranks')}, sha256 {str(a.get('sha256'))[:16]}")
     print(f"recipe      {m['recipe']}")
     print(f"context     max_context {m['max_context']}, prefill lengths {m['prefill_lengths']}")
     kv = m["kv_cache"]
@@ -116,15 +134,15 @@ def cmd_inspect(args) -> int:
 
 def cmd_export(args) -> int:
     from llmship.config import load_config
-    from llmship.models import load_model
+    from llmship.adapters import load_source
     from llmship.outputs import check_output_dir
     from llmship.pipeline import export_artifact
     from llmship.targets import resolve_target
 
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, list(args.set) + adapter_sets(args.adapter))
     target = resolve_target(config, args.target)
     check_output_dir(args.out)  # before minutes of work, not after
-    loaded = load_model(args.model)
+    loaded = load_source(args.model, config.adapters)
     out = export_artifact(loaded, target, args.out, debug=args.debug, config=config)
     print(f"wrote {out}")
     return 0
@@ -150,7 +168,7 @@ def cmd_build(args) -> int:
     from llmship.build import build
     from llmship.config import load_config
 
-    sets = list(args.set) + ([f"out={args.out}"] if args.out else []) + (["search.mode=smallest"] if args.smallest else [])
+    sets = list(args.set) + adapter_sets(args.adapter) + ([f"out={args.out}"] if args.out else []) + (["search.mode=smallest"] if args.smallest else [])
     config = load_config(args.config, sets)
     return build(config, only=args.target, baseline=args.baseline, debug=args.debug, platform=args.platform)
 

@@ -193,8 +193,33 @@ class Search(Strict):
     max_steps: int = Field(default=8, gt=0, le=50)
 
 
+class Adapters(Strict):
+    """LoRA / PEFT adapters over the model (llmship/adapters/): `merge` folds the one listed adapter into the
+    weights before compression and export; `separate` ships the base once plus one adapter per name, on the
+    runtimes whose registry entry holds it."""
+
+    mode: Literal["merge", "separate"] = "merge"
+    list: dict[str, str] = {}  # name -> PEFT adapter directory (adapter_config.json + adapter_model.safetensors)
+
+    @field_validator("list")
+    @classmethod
+    def _names(cls, v):
+        for name in v:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name) or ".." in name:
+                raise ValueError(f"adapter name {name!r} must be 1-64 letters, digits, '.', '_' or '-' (it names a file)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_to_merge(self):
+        if self.mode == "merge" and len(self.list) > 1:
+            raise ValueError(f"mode merge folds one adapter into the weights; {len(self.list)} are listed "
+                             "(use mode separate to ship several)")
+        return self
+
+
 class BuildConfig(Strict):
     model: str = "builtin:smollm2-135m"
+    adapters: Adapters = Adapters()
     targets: tuple[str, ...] = ()
     out: str = "dist"
     evaluation: Evaluation = Evaluation()

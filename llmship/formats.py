@@ -7,6 +7,8 @@ An entry names everything llmship knows about a format, in one place:
 - `toolchain`: the packages whose versions the manifest records and the incremental-build hash covers.
 - `install`: how a user gets the toolchain when it is missing (exit 5).
 - `profiles`: the YAML file of its target profiles (in llmship/targets/, or an absolute path).
+- `adapter_modes`: how it carries LoRA adapters (llmship/adapters/): "merge" (folded into the weights before
+  export: every format) and, where llmship writes the runtime's own mechanism, "separate".
 
 Adding a runtime is one entry here plus its exporter module, its runner module and its YAML file.
 """
@@ -29,6 +31,7 @@ class FormatEntry:
     install: str
     profiles: str
     description: str = ""
+    adapter_modes: tuple[str, ...] = ("merge",)
 
 
 FORMATS: dict[str, FormatEntry] = {e.name: e for e in (

@@ -63,6 +63,7 @@ def manifest_body(loaded, target, result) -> dict:
         "entry_points": result.entry_points,
         "tokenizer": "tokenizer.json",
         "toolchain": toolchain_versions(toolchain_packages(target.format)),
+        **({"adapters": loaded.adapters} if loaded.adapters else {}),
         **result.extra,
     }
 

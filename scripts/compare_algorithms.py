@@ -53,10 +53,11 @@ def main() -> int:
                              "bytes": r["artifact"]["bytes"], "kl_mean": pa["kl_mean"], "top1": pa["top1_agreement"],
                              "ppl_ratio": pa["ppl_ratio"], "greedy": f"{pa['greedy_match']}/{pa['greedy_total']}",
                              "conversion_kl": co["kl_mean"], "conversion_top1": co["top1_agreement"],
+                             "noise_floor_kl": co.get("noise_floor_kl_mean"), "floor_ratio": co.get("floor_ratio"),
                              "export_s": round(export_s, 1), "validate_s": round(validate_s, 1)})
                 print(json.dumps(rows[-1]), flush=True)
     (out / "comparison.json").write_text(json.dumps(rows, indent=2))
-    cols = ["target", "algorithm", "text", "bytes", "kl_mean", "top1", "ppl_ratio", "greedy", "conversion_kl", "conversion_top1"]
+    cols = ["target", "algorithm", "text", "bytes", "kl_mean", "top1", "ppl_ratio", "greedy", "conversion_kl", "conversion_top1", "floor_ratio"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for row in rows:
         print("| " + " | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in cols) + " |")

@@ -124,3 +124,40 @@ def write_gguf(loaded, path, quantize_matrices: bool = False):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def hf_from_loaded(loaded):
+    """transformers' own model on a loaded source's weights (the oracle for a source llmship built itself)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = dict(loaded.config)
+    config = AutoConfig.for_model(config.pop("model_type"), **{k: v for k, v in config.items() if k not in ("architectures",)})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    missing, unexpected = model.load_state_dict(loaded.weights, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    if loaded.spec.tie_word_embeddings:
+        model.tie_weights()
+    return model
+
+
+def peft_adapter(model, out_dir, r: int = 4, targets=("q_proj", "v_proj"), seed: int = 0, alpha: float = 8.0,
+                 rslora: bool = False, rank_pattern=None, alpha_pattern=None):
+    """A PEFT LoRA adapter for `model` written with the `peft` library (seeded, non-zero A and B), and transformers +
+    peft's merged model (the oracle). `model` is left as it was."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False, use_rslora=rslora,
+                        rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {}, lora_dropout=0.0)
+    peft_model = get_peft_model(copy.deepcopy(model), config)
+    with torch.no_grad():  # B large enough that the adapter moves the logits well above kernel rounding
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.1 * torch.randn_like(p))
+    peft_model.save_pretrained(str(out_dir))
+    return peft_model.merge_and_unload().eval()

@@ -23,6 +23,8 @@ class LoadedModel:
     # A source already quantized in blocks (GGUF Q4_0/Q4_1/Q8_0): its own codes, by module name, so the
     # compression stage can ship that exact grid where a runtime holds it (`recipe.algorithm: source`).
     source_blocks: dict = field(default_factory=dict)
+    # Adapters folded into `weights` (llmship/adapters/): {"mode": "merge", "list": [entry]}, as the manifest records them.
+    adapters: dict | None = None
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,18 @@ def resolve_target(config: BuildConfig, name: str) -> TargetProfile:
     target = _validated(deep_merge(base.model_dump(), extra), f"overrides.{name}") if extra else base
     if target.name != name:
         raise ConfigError(f"overrides.{name}.name: a target cannot be renamed by an override (got '{target.name}')")
+    check_adapters(config, target)
     return check_target(target)
+
+
+def check_adapters(config: BuildConfig, target: TargetProfile) -> None:
+    """The adapters' mode is one the target's runtime holds (its registry entry's `adapter_modes`)."""
+    from llmship.formats import get_format
+
+    modes = get_format(target.format).adapter_modes
+    if config.adapters.list and config.adapters.mode not in modes:
+        raise ConfigError(f"adapters.mode {config.adapters.mode}: llmship does not ship separate adapters on "
+                          f"{target.runtime} ({target.name}) yet; it holds {', '.join(modes)} (see `llmship targets`)")
 
 
 # What a validate-time override may change: the gates, and evaluation-time threads. The rest describes how

@@ -128,9 +128,18 @@ HEADER = ["target", "verdict", "MB", "B/param", "top-1", "KL mean", "KL p99", "c
           "decode tok/s", "TTFT ms", "RSS MB", "executor"]
 
 
+def source_line(report: dict) -> str:
+    """The source, with the adapter merged into it when there is one (the FP32 reference is that merged model)."""
+    info = report.get("adapters")
+    if not isinstance(info, dict) or not isinstance(info.get("list"), list):
+        return str(report["source"])
+    names = ", ".join(f"{a.get('name')} (sha256 {str(a.get('sha256'))[:12]})" for a in info["list"] if isinstance(a, dict))
+    return f"{report['source']} + adapter {names}, {info.get('mode')}d"
+
+
 def markdown(reports: list[dict]) -> str:
     verdict = "PASS" if all(r["passed"] for r in reports) else "FAIL"
-    lines = [f"# llmship validation: {verdict}", "", f"Source: {reports[0]['source']}", "",
+    lines = [f"# llmship validation: {verdict}", "", f"Source: {source_line(reports[0])}", "",
              "Parity (top-1, KL, perplexity, greedy) compares each artifact with the FP32 reference: what the user gets. "
              "Conversion compares it with the compressed reference (the recipe's own weights and activation quantization "
              "in PyTorch): what the converter added.", "",
@@ -327,7 +336,7 @@ mark.diverge {{ background: #ffd54f; }} table.side td {{ text-align: left; verti
 </style></head><body>
 <h1>llmship validation report</h1>
 <p class="verdict" id="verdict">{"PASS" if ok else "FAIL"}: {sum(r["passed"] for r in reports)}/{len(reports)} targets passed</p>
-<p>Source: {html.escape(str(reports[0]["source"]))}</p>
+<p>Source: {html.escape(source_line(reports[0]))}</p>
 <p>Parity compares each artifact with the FP32 reference (what the user gets); conversion compares it with the
 compressed reference, the recipe's own weights and activation quantization in PyTorch (what the converter added).</p>
 <table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>

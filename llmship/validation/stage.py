@@ -48,6 +48,7 @@ def load_baseline(path: str | Path | None, target: str) -> dict | None:
 def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval_text: str | None = None,
                       baseline: str | Path | None = None, loaded=None) -> dict:
     """Run the artifact on its runtime against the FP32 and the compressed reference; write report.json; return it."""
+    from llmship import adapters
     from llmship.models import build_decoder, load_model
     from llmship.targets import target_from_manifest
     from llmship.validation import evaluate as ev
@@ -61,6 +62,7 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
     base = load_baseline(baseline, target.name)
     if loaded is None or (model is not None and model != loaded.source):
         loaded = load_model(model or manifest["source"])
+    loaded = adapters.from_manifest(loaded, manifest)  # the reference is the base with the artifact's adapter merged
     if loaded.spec.vocab_size != manifest["model"]["vocab_size"] or loaded.spec.num_layers != manifest["model"]["num_layers"]:
         raise ConfigError(f"reference model {loaded.source} does not match the artifact {artifact_dir} (vocab or layers differ)")
     integrity = check_integrity(artifact_dir, manifest)
@@ -97,6 +99,7 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
         "target": target.name,
         "format": target.format,
         "source": loaded.source,
+        "adapters": loaded.adapters,
         "executor": runner.executor,
         "executor_note": getattr(runner, "executor_note", None),
         "recipe": target.recipe.model_dump(),

@@ -1,0 +1,102 @@
+"""LoRA / PEFT adapters over a source model.
+
+    load (peft_dir.py: adapter_config.json + adapter_model.safetensors) -> check against the base -> merge
+
+`adapters: {mode: merge, list: {name: dir}}` folds the one adapter into the FP32 weights before compression and
+export (W + scale * B @ A, scale = lora_alpha / r, or lora_alpha / sqrt(r) with rslora): everything after the
+loader sees a plain model, and the FP32 reference is the merged model. The manifest records each adapter's path
+and digest, so `llmship validate` rebuilds the same reference and refuses an adapter that changed since.
+`mode: separate` is for runtimes whose registry entry lists it (llmship/formats.py `adapter_modes`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from llmship.adapters.peft_dir import Adapter, adapter_digest, read_adapter
+from llmship.errors import ManifestError, ModelError
+
+__all__ = ["Adapter", "read_adapter", "merged", "load_source", "digests", "from_manifest"]
+
+
+def check_base(loaded, adapter: Adapter) -> None:
+    """Every adapted module is a linear of the base with the adapter's shapes (exit 3 naming the module)."""
+    for module, (a, b, _) in adapter.lora.items():
+        w = loaded.weights.get(f"{module}.weight")
+        if w is None or w.dim() != 2 or module.endswith(("embed_tokens", "lm_head")):
+            raise ModelError(f"adapter {adapter.name}: {module} is not a linear projection of {loaded.source} "
+                             "(LoRA targets the attention and MLP projections)")
+        if (b.shape[0], a.shape[1]) != tuple(w.shape):
+            raise ModelError(f"adapter {adapter.name}: {module} is {tuple(w.shape)} in {loaded.source} but the adapter's "
+                             f"B @ A is {(b.shape[0], a.shape[1])}: the adapter was trained for another base")
+
+
+def merged(loaded, adapter: Adapter):
+    """`loaded` with the adapter folded into its weights (new tensors; the base's are untouched)."""
+    check_base(loaded, adapter)
+    weights = dict(loaded.weights)
+    for module, (a, b, scale) in adapter.lora.items():
+        w = weights[f"{module}.weight"]
+        weights[f"{module}.weight"] = w + (b @ a) * scale  # fp32, in PEFT's order: the same merged weights as PEFT's
+    # a merged matrix is no longer on the source's grid: its blocks go (`algorithm: source` keeps the others)
+    blocks = {k: v for k, v in loaded.source_blocks.items() if k not in adapter.lora}
+    return dataclasses.replace(loaded, weights=weights, adapters={"mode": "merge", "list": [adapter.entry()]}, source_blocks=blocks)
+
+
+def _one(settings) -> tuple[str, str]:
+    (name, path), = settings.list.items()
+    return name, path
+
+
+def load_source(model: str, settings=None):
+    """The source model with its configured adapters applied (merge mode); without adapters, the source as it is."""
+    from llmship.models import load_model
+
+    loaded = load_model(model)
+    if settings is None or not settings.list or settings.mode != "merge":
+        return loaded
+    name, path = _one(settings)
+    return merged(loaded, read_adapter(path, name))
+
+
+def digests(settings) -> list[list[str]] | None:
+    """[[name, sha256], ...] of the configured adapters (for the incremental-build hash); a missing one is exit 3."""
+    from llmship.adapters.peft_dir import read_config
+
+    if settings is None or not settings.list:
+        return None
+    out = []
+    for name, path in sorted(settings.list.items()):
+        p = Path(path).expanduser().resolve()
+        read_config(p)
+        out.append([name, adapter_digest(p)])
+    return [[settings.mode, ""], *out]
+
+
+def from_manifest(loaded, manifest: dict):
+    """The reference model for an artifact: its base with the manifest's merged adapter folded in again, after
+    checking the adapter on disk is the one the artifact was built from."""
+    info = manifest.get("adapters")
+    if not info:
+        return loaded
+    entries = info.get("list") if isinstance(info, dict) else None
+    if not isinstance(entries, list) or not entries or not all(
+            isinstance(e, dict) and all(isinstance(e.get(k), str) for k in ("name", "path", "sha256")) for e in entries):
+        raise ManifestError("manifest.json: adapters must be {mode, list: [{name, path, sha256, ...}]}")
+    if loaded.adapters:  # built in this process from the same config: check it is the same adapter
+        if [a["sha256"] for a in loaded.adapters["list"]] != [a["sha256"] for a in info["list"]]:
+            raise ManifestError("the artifact was built with other adapters than the model given for its reference")
+        return loaded
+    if info.get("mode") != "merge":
+        return loaded
+    entry = info["list"][0]
+    path = Path(entry["path"])
+    try:
+        digest = adapter_digest(path)
+    except OSError:
+        raise ModelError(f"adapter {entry['name']}: {path} (recorded in the manifest) is missing; the FP32 reference "
+                         "is the base with this adapter merged") from None
+    if digest != entry["sha256"]:
+        raise ManifestError(f"adapter {entry['name']}: {path} changed since the artifact was exported "
+                            f"(sha256 {digest[:12]}, manifest {entry['sha256'][:12]})")
+    return merged(loaded, read_adapter(path, entry["name"]))

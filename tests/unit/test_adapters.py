@@ -1,0 +1,146 @@
+"""LoRA adapters read from PEFT directories and merged into the canonical model, against transformers + peft's own
+merge (the oracle); every bad adapter is a one-line error with exit 3 naming what is wrong."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from llmship.adapters import load_source, merged, read_adapter
+from llmship.config import Adapters, BuildConfig
+from llmship.errors import ConfigError, ModelError
+from llmship.models import build_decoder
+from tests.helpers import ALL_PROJECTIONS, hf_from_loaded, hf_logits, peft_adapter
+from tests.unit.test_decoder_parity import chunked_logits
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+CASES = {
+    "r4-qv": dict(r=4, targets=("q_proj", "v_proj")),
+    "r8-all": dict(r=8, targets=ALL_PROJECTIONS, alpha=16.0),
+    "r8-all-rslora": dict(r=8, targets=ALL_PROJECTIONS, rslora=True, seed=1),
+    "patterns": dict(r=4, targets=ALL_PROJECTIONS, rank_pattern={"down_proj": 8}, alpha_pattern={"v_proj": 32.0}, seed=2),
+}
+
+
+def source(name, stories_dir=None):
+    from llmship.models import load_model
+
+    return load_model("builtin:tiny" if name == "tiny" else str(stories_dir))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("model", ["tiny", "stories"])
+def test_merged_canonical_model_matches_transformers_and_peft(model, case, request, tmp_path):
+    loaded = source(model, request.getfixturevalue("stories_dir") if model == "stories" else None)
+    base = hf_from_loaded(loaded)
+    oracle = peft_adapter(base, tmp_path / "ad", **CASES[case])
+    ids = torch.randint(3, loaded.spec.vocab_size, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    adapter = read_adapter(tmp_path / "ad", "ad")
+    ours = chunked_logits(build_decoder(merged(loaded, adapter), 64), ids, prefill=17)
+    expected = hf_logits(oracle, ids)
+    assert (ours - expected).abs().max().item() <= 1e-4
+    # ... and the adapter moved the model (a merge that did nothing would also pass the line above otherwise)
+    assert (expected - hf_logits(base, ids)).abs().max().item() > 1e-2
+    n_layers = loaded.spec.num_layers
+    assert len(adapter.lora) == n_layers * len(CASES[case]["targets"])
+
+
+def test_the_base_weights_are_left_as_they_were(tiny, tmp_path):
+    peft_adapter(hf_from_loaded(tiny), tmp_path / "ad")
+    before = tiny.weights["model.layers.0.self_attn.q_proj.weight"].clone()
+    out = merged(tiny, read_adapter(tmp_path / "ad", "ad"))
+    assert torch.equal(tiny.weights["model.layers.0.self_attn.q_proj.weight"], before)
+    assert not torch.equal(out.weights["model.layers.0.self_attn.q_proj.weight"], before)
+    assert out.adapters["mode"] == "merge" and out.adapters["list"][0]["modules"] == 2 * tiny.spec.num_layers
+
+
+@pytest.fixture
+def adapter_dir(tiny, tmp_path):
+    peft_adapter(hf_from_loaded(tiny), tmp_path / "ad")
+    return tmp_path / "ad"
+
+
+def edit_config(path, **fields):
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg.update(fields)
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def rename_tensors(path, old, new):
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    save_file({k.replace(old, new): v for k, v in tensors.items()}, str(path / "adapter_model.safetensors"))
+
+
+@pytest.fixture
+def other_base_adapter(tmp_path):
+    """An adapter trained for another base (hidden size 48: builtin:tiny and stories260K have 64)."""
+    from tests.helpers import hf_model
+
+    peft_adapter(hf_model("llama-tied-gqa3"), tmp_path / "other")
+    return tmp_path / "other"
+
+
+def test_an_adapter_for_another_base_names_the_module(other_base_adapter):
+    with pytest.raises(ModelError, match=r"model\.layers\.0\.self_attn\.q_proj is .* another base"):
+        load_source("builtin:tiny", Adapters(list={"ad": str(other_base_adapter)}))
+
+
+def test_a_target_module_the_base_lacks_names_the_module(adapter_dir, tiny):
+    rename_tensors(adapter_dir, "layers.1.self_attn.v_proj", "layers.1.self_attn.x_proj")
+    with pytest.raises(ModelError, match=r"model\.layers\.1\.self_attn\.x_proj is not a linear projection"):
+        merged(tiny, read_adapter(adapter_dir, "ad"))
+
+
+@pytest.mark.parametrize("fault, message", [
+    (lambda p: edit_config(p, use_dora=True), "use_dora=True is not supported"),
+    (lambda p: edit_config(p, bias="all"), "bias='all' is not supported"),
+    (lambda p: edit_config(p, peft_type="IA3"), "peft_type 'IA3'"),
+    (lambda p: edit_config(p, r=0), "r must be a positive number"),
+    (lambda p: edit_config(p, r=8), "has rank 4 but adapter_config.json says r=8"),
+    (lambda p: (p / "adapter_config.json").write_text("{not json"), "is not valid JSON"),
+    (lambda p: (p / "adapter_config.json").unlink(), "has no adapter_config.json"),
+    (lambda p: (p / "adapter_model.safetensors").rename(p / "adapter_model.bin"), "only pickle weights"),
+    (lambda p: (p / "adapter_model.safetensors").write_bytes(b"\0" * 10), "cannot read adapter weights"),
+    (lambda p: rename_tensors(p, "q_proj.lora_B", "q_proj.lora_C"), "is not a LoRA A/B matrix"),
+    (lambda p: save_file({k: v for k, v in load_file(str(p / "adapter_model.safetensors")).items() if "q_proj.lora_B" not in k},
+                         str(p / "adapter_model.safetensors")), "has lora_A without its partner"),
+])
+def test_a_bad_adapter_is_a_one_line_error(adapter_dir, fault, message):
+    fault(adapter_dir)
+    with pytest.raises(ModelError, match=message):
+        read_adapter(adapter_dir, "ad")
+
+
+def test_the_cli_says_it_in_one_line_with_exit_3_and_writes_nothing(other_base_adapter, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "llmship", "export", "--model", "builtin:tiny", "--target", "pytorch-fp32",
+                           "--out", str(out), "--adapter", str(other_base_adapter)], capture_output=True, text=True)
+    assert proc.returncode == 3, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "q_proj" in lines[0] and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_merge_takes_one_adapter_and_separate_is_refused_where_not_held(tmp_path):
+    from llmship.targets import resolve_target
+
+    with pytest.raises(ValueError, match="mode merge folds one adapter"):
+        Adapters(list={"a": "x", "b": "y"})
+    with pytest.raises(ValueError, match="adapter name"):
+        Adapters(list={"../a": "x"})
+    config = BuildConfig(adapters=Adapters(mode="separate", list={"a": "x", "b": "y"}))
+    with pytest.raises(ConfigError, match=r"adapters.mode separate: .* onnxruntime \(onnx-fp32\)"):
+        resolve_target(config, "onnx-fp32")
+
+
+def test_targets_lists_the_adapter_modes(capsys):
+    from llmship import cli
+
+    assert cli.main(["targets"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("adapters: merge") == out.count(" gates: ")
