@@ -36,7 +36,10 @@ def gptq_sequential(loaded, grids: dict[str, Grid], sequences, notes: dict) -> d
     from llmship.models import build_decoder
 
     length = max(len(s) for s in sequences)
-    decoder = build_decoder(loaded, length)
+    # The decoder shares the source's tensors; the projections it quantizes as it goes get their own copies, so the
+    # source (and with it the FP32 reference of the same process) keeps its weights.
+    own = {f"{name}.weight": loaded.weights[f"{name}.weight"].clone() for name in grids if name.startswith("model.layers.")}
+    decoder = build_decoder(loaded, length, weights={**loaded.weights, **own})
     out: dict[str, Quantized] = {}
     tokens = torch.tensor(sequences, dtype=torch.int64)
     positions = torch.arange(tokens.shape[1])

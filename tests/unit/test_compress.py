@@ -160,3 +160,19 @@ def test_the_compressed_reference_quantizes_inputs_of_quantized_linears_only(tin
     assert not isinstance(decoder.model.layers[0].mlp.up_proj, FakeQuantLinear)
     x = torch.randn(1, 5, up.linear.in_features)
     assert torch.equal(up(x), torch.nn.functional.linear(int8_per_token_asymmetric(x), t.dequantize()))
+
+
+def test_gptq_leaves_the_source_weights_as_they_were(tiny, tmp_path, monkeypatch):
+    """GPTQ quantizes layer by layer through a decoder; the source it came from (whose weights the FP32 reference of
+    the same process is built on) keeps its own values. A build once validated against a half-quantized reference."""
+    from llmship.compress import build_record
+    from llmship.config import Calibration, Evaluation
+
+    monkeypatch.setenv("LLMSHIP_CACHE", str(tmp_path))
+    grid = symmetric(4, 32)
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"]
+    before = {n: tiny.weights[f"{n}.weight"].clone() for n in names if f"{n}.weight" in tiny.weights}
+    record = build_record(tiny, {n: grid for n in before}, {}, "gptq", Calibration(tokens=256, sequence_length=64), Evaluation())
+    for n, w in before.items():
+        assert torch.equal(tiny.weights[f"{n}.weight"], w), n
+        assert not torch.equal(record.tensors[n].dequantize(), w)
