@@ -27,6 +27,16 @@ def run(cmd: list[str]) -> float:
     return time.perf_counter() - t0
 
 
+def uniform_bytes(model: str, target_name: str) -> int:
+    from llmship.compress.mixed import predicted_bytes
+    from llmship.formats import exporter
+    from llmship.models import load_model
+    from llmship.targets import get_profile
+
+    target = get_profile(target_name)
+    return predicted_bytes(load_model(model), target, exporter(target.format))
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
@@ -35,21 +45,30 @@ def main() -> int:
     p.add_argument("--text", action="append", default=[])
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--out", required=True)
+    p.add_argument("--mixed", action="store_true", help="also the budgeted mix at the bytes of the target's uniform recipe "
+                                                          "(as the allocation counts them); algorithm: the first --algorithm")
+    p.add_argument("--only-mixed", action="store_true", help="with --mixed: skip the uniform exports (measured before)")
     args = p.parse_args()
     out = Path(args.out)
     rows = []
+    algorithms = args.algorithm or ["rtn", "gptq"]
     for target in args.target:
-        for algorithm in args.algorithm or ["rtn", "gptq"]:
+        variants = [] if args.only_mixed else [(a, [f"overrides.{target}.recipe.algorithm={a}"]) for a in algorithms]
+        if args.mixed:
+            variants.append((f"mixed-{algorithms[0]}", [f"overrides.{target}.recipe.algorithm={algorithms[0]}",
+                                                        f"overrides.{target}.recipe.budget={{bytes: {uniform_bytes(args.model, target)}}}"]))
+        for algorithm, sets in variants:
             art = out / f"{target}-{algorithm}"
             export_s = run(["export", "--model", args.model, "--target", target, "--out", str(art),
-                            "--set", f"overrides.{target}.recipe.algorithm={algorithm}"])
+                            *[a for s in sets for a in ("--set", s)]])
             for text in args.text or [None]:
                 extra = ["--eval-text", text] if text else []
                 validate_s = run(["validate", str(art), "--set", f"evaluation.tokens={args.tokens}",
                                   "--set", "evaluation.latency_runs=4", *extra])
                 r = json.loads((art / "report.json").read_text())
                 pa, co = r["parity"], r["conversion"]
-                rows.append({"target": target, "algorithm": algorithm, "text": Path(text).name if text else "sampled",
+                counts = (r.get("compression") or {}).get("allocation_counts")
+                rows.append({"target": target, "algorithm": algorithm, "text": Path(text).name if text else "sampled", "mix": counts,
                              "bytes": r["artifact"]["bytes"], "kl_mean": pa["kl_mean"], "top1": pa["top1_agreement"],
                              "ppl_ratio": pa["ppl_ratio"], "greedy": f"{pa['greedy_match']}/{pa['greedy_total']}",
                              "conversion_kl": co["kl_mean"], "conversion_top1": co["top1_agreement"],
