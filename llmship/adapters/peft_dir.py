@@ -8,7 +8,6 @@ trained bias or embedding rows, replicated layers) is refused with the field tha
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,17 +64,12 @@ def _pattern_value(patterns: dict, module: str, default):
 
 
 def read_config(path: Path) -> dict:
+    from llmship.models.hf_dir import read_json_object
+
     cfg_file = path / CONFIG
     if not path.is_dir():
         raise ModelError(f"adapter directory not found: {path}")
-    if not cfg_file.is_file():
-        raise ModelError(f"{path} has no {CONFIG}: not a PEFT adapter directory")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{cfg_file} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{cfg_file} must hold a JSON object")
+    config = read_json_object(cfg_file, f"{path} has no {CONFIG}: not a PEFT adapter directory")
     if config.get("peft_type", "LORA") != "LORA":
         raise ModelError(f"{cfg_file}: peft_type {config.get('peft_type')!r}; llmship reads LoRA adapters (peft_type LORA)")
     for key, neutral in UNSUPPORTED:

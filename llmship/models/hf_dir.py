@@ -25,17 +25,21 @@ def hub_cache_dir(repo_id: str) -> Path:
         ) from None
 
 
-def read_config(path: Path) -> dict:
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise ModelError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
+def read_json_object(file: Path, missing: str) -> dict:
+    """A JSON file holding an object; ModelError `missing` when it is absent, one line naming the file otherwise."""
+    if not file.is_file():
+        raise ModelError(missing)
     try:
-        config = json.loads(cfg_file.read_text())
+        value = json.loads(file.read_text())
     except (OSError, ValueError) as exc:
-        raise ModelError(f"{cfg_file} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{cfg_file} must hold a JSON object, not a {type(config).__name__}")
-    return config
+        raise ModelError(f"{file} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ModelError(f"{file} must hold a JSON object, not a {type(value).__name__}")
+    return value
+
+
+def read_config(path: Path) -> dict:
+    return read_json_object(path / "config.json", f"{path} has no config.json: not a Hugging Face checkpoint directory")
 
 
 def safetensors_files(path: Path) -> list[Path]:
