@@ -45,6 +45,11 @@ def load_baseline(path: str | Path | None, target: str) -> dict | None:
     raise ConfigError(f"baseline {path} holds no {REPORT} for {target}")
 
 
+# KL that fp32 summation order alone produces (fp32 targets measure 1e-12..1e-10; their gate is 1e-6): a floor below
+# it is no floor, so the floor ratio is taken against at least this.
+FP32_KL = 1e-8
+
+
 def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval_text: str | None = None,
                       baseline: str | Path | None = None, loaded=None) -> dict:
     """Run the artifact on its runtime against the FP32 and the compressed reference; write report.json; return it."""
@@ -84,7 +89,7 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
     if "floor" in references:
         floor = float(references["floor"])
         conversion["noise_floor_kl_mean"] = floor
-        conversion["floor_ratio"] = conversion["kl_mean"] / max(floor, 1e-12) if conversion["kl_mean"] is not None else None
+        conversion["floor_ratio"] = conversion["kl_mean"] / max(floor, FP32_KL) if conversion["kl_mean"] is not None else None
     series["conversion_kl"] = conversion_series["kl"]
     say(f"{target.name}: latency and memory (separate process, {target.threads} threads)")
     with stage(f"{target.name}: timing"):
@@ -155,7 +160,9 @@ def reference_results(loaded, record, target, plan) -> dict:
     comp = cache.cached("compressed", (record.digest(), planned, target.max_context),
                         lambda: run(compressed_reference(loaded, record, target.max_context), "compressed reference"))
     out.update(compressed=comp["logits"], compressed_greedy=comp["greedy"])
-    if has_dynamic_activations(record):
+    # The floor is what the conversion gate of a dynamic-activation recipe is a ratio to; a weight-only variant of
+    # such a target (recipe.activations fp32) keeps the same gate, so it gets its floor too.
+    if has_dynamic_activations(record) or target.gates.conversion_floor_ratio_max is not None:
         def floor():
             noisy = ReferenceRunner.from_decoder(compressed_reference(loaded, record, target.max_context, noise_seed=0), threads=target.threads)
             metrics, _ = ev.parity_metrics(ev.teacher_forced(noisy, plan, "noise floor"), comp["logits"], plan.targets())

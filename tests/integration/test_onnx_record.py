@@ -106,3 +106,17 @@ def test_a_planted_converter_fault_passes_parity_but_fails_conversion(stories, t
     report = validate_artifact(art, FAST, loaded=stories)
     failed = {g["name"] for g in report["gates"] if not g["passed"]}
     assert failed and all(n.startswith("conversion") for n in failed), failed
+
+
+@pytest.mark.shared
+def test_a_weight_only_variant_keeps_a_conversion_gate_it_can_pass(stories, tmp_path):
+    """onnx-int4 with activations fp32 (weight-only MatMulNBits): no dynamic activations, yet the target's floor-ratio
+    gate is measured (a floor is computed for it) and holds."""
+    base = get_profile("onnx-int4")
+    art = export_artifact(stories, target("onnx-int4", max_context=256, prefill_lengths=(32,),
+                                          recipe={**base.recipe.model_dump(), "activations": "fp32"}), tmp_path / "wo")
+    report = validate_artifact(art, FAST, loaded=stories)
+    conversion = report["conversion"]
+    assert conversion["noise_floor_kl_mean"] is not None and conversion["floor_ratio"] < 2.0, conversion
+    assert conversion["kl_mean"] < 1e-6
+    assert report["passed"], [g for g in report["gates"] if not g["passed"]]
