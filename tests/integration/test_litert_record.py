@@ -211,7 +211,7 @@ def test_a_float_model_unlike_the_record_is_refused(tiny):
     from llmship.pipeline import compression_record
 
     target = tiny_profile("int8")
-    record, _ = compression_record(tiny, target, tflite, BuildConfig())
+    record, _, _ = compression_record(tiny, target, tflite, BuildConfig())
     decoder = build_decoder(tiny, target.max_context, weights=record.dequantized_weights(tiny.weights))
     content = tflite.convert(decoder, target)
     name = "model.layers.0.self_attn.k_proj"

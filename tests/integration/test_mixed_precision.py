@@ -70,6 +70,23 @@ def test_the_allocation_is_in_the_manifest_and_inspect_shows_it(tmp_path):
     assert "budget" in info and "model.layers.0.mlp.down_proj:" in info
 
 
+@pytest.mark.litert
+@pytest.mark.slow
+def test_a_mix_with_float_matrices_exports_on_litert(tmp_path):
+    """A budget roomy enough that the allocation keeps some matrices fp16: the exporter is handed the allocated
+    recipe (it once got the uniform int4 one and refused the float matrices the record did not hold)."""
+    art = tmp_path / "a"
+    proc = llmship("export", "--model", "builtin:tiny", "--target", "litert-int4", "--out", art,
+                   "--set", "overrides.litert-int4.recipe.budget={bytes_per_param: 1.5}")
+    assert proc.returncode == 0, proc.stderr
+    counts = json.loads((art / "manifest.json").read_text())["compression"]["allocation"]["counts"]
+    assert counts.get("fp16", 0) > 0 and any(k.startswith("int4") for k in counts), counts
+    tensors = json.loads((art / "manifest.json").read_text())["compression"]["grids"]
+    choice = json.loads((art / "manifest.json").read_text())["compression"]["allocation"]["choice"]
+    assert {m for m, k in choice.items() if k.startswith("int4")} <= set(tensors)  # the record holds the int4 ones
+    assert not {m for m, k in choice.items() if k == "fp16"} & set(tensors)
+
+
 SEARCHED = [pytest.param("executorch-8da4w", marks=pytest.mark.executorch), pytest.param("onnx-int4", marks=pytest.mark.onnx),
             pytest.param("litert-int4", marks=pytest.mark.litert), pytest.param("coreml-int4", marks=pytest.mark.coreml)]
 
