@@ -127,12 +127,16 @@ def text_windows(tokenizer, bos: int | None, path: str, total: int, window: int,
 
 
 def sampled_windows(decoder, bos: int | None, total: int, window: int, decode: int, seed: int) -> list[Window]:
-    """Windows sampled from the reference model, all in one batch."""
+    """Windows sampled from the reference model, all in one batch; kept on disk like the reference's logits, since
+    sampling decodes every token and the other targets of a build (and a re-validation) evaluate the same windows."""
     from llmship.compress.calibration import sample_sequences
+    from llmship.validation import cache
 
     count = max(1, -(-total // window))
     length = min(window, total) if count == 1 else window
-    sequences = sample_sequences(decoder, bos, count, length, seed)
+    digest = cache.weights_digest({n: p.detach() for n, p in decoder.named_parameters()})
+    sequences = cache.cached("sampled", (digest, bos, count, length, seed), lambda: {
+        "tokens": np.asarray(sample_sequences(decoder, bos, count, length, seed), dtype=np.int64)})["tokens"].tolist()
     return [Window(tuple(s), max(1, len(s) - min(decode, len(s) // 4))) for s in sequences]
 
 
