@@ -43,11 +43,6 @@ def merged(loaded, adapter: Adapter):
     return dataclasses.replace(loaded, weights=weights, adapters={"mode": "merge", "list": [adapter.entry()]}, source_blocks=blocks)
 
 
-def _one(settings) -> tuple[str, str]:
-    (name, path), = settings.list.items()
-    return name, path
-
-
 def load_source(model: str, settings=None):
     """The source model with its configured adapters applied (merge mode); without adapters, the source as it is."""
     from llmship.models import load_model
@@ -55,22 +50,20 @@ def load_source(model: str, settings=None):
     loaded = load_model(model)
     if settings is None or not settings.list or settings.mode != "merge":
         return loaded
-    name, path = _one(settings)
+    (name, path), = settings.list.items()  # merge mode holds one (config.Adapters checks it)
     return merged(loaded, read_adapter(path, name))
 
 
-def digests(settings) -> list[list[str]] | None:
-    """[[name, sha256], ...] of the configured adapters (for the incremental-build hash); a missing one is exit 3."""
+def digests(settings) -> dict | None:
+    """{mode, sha256 by name} of the configured adapters (for the incremental-build hash); a missing one is exit 3."""
     from llmship.adapters.peft_dir import read_config
 
     if settings is None or not settings.list:
         return None
-    out = []
-    for name, path in sorted(settings.list.items()):
-        p = Path(path).expanduser().resolve()
+    paths = {name: Path(path).expanduser().resolve() for name, path in settings.list.items()}
+    for p in paths.values():
         read_config(p)
-        out.append([name, adapter_digest(p)])
-    return [[settings.mode, ""], *out]
+    return {"mode": settings.mode, "sha256": {name: adapter_digest(p) for name, p in sorted(paths.items())}}
 
 
 def from_manifest(loaded, manifest: dict):
@@ -80,16 +73,14 @@ def from_manifest(loaded, manifest: dict):
     if not info:
         return loaded
     entries = info.get("list") if isinstance(info, dict) else None
-    if not isinstance(entries, list) or not entries or not all(
+    if not isinstance(entries, list) or info.get("mode") != "merge" or len(entries) != 1 or not all(
             isinstance(e, dict) and all(isinstance(e.get(k), str) for k in ("name", "path", "sha256")) for e in entries):
-        raise ManifestError("manifest.json: adapters must be {mode, list: [{name, path, sha256, ...}]}")
+        raise ManifestError("manifest.json: adapters must be {mode: merge, list: [{name, path, sha256, ...}]}")
     if loaded.adapters:  # built in this process from the same config: check it is the same adapter
-        if [a["sha256"] for a in loaded.adapters["list"]] != [a["sha256"] for a in info["list"]]:
+        if [a["sha256"] for a in loaded.adapters["list"]] != [a["sha256"] for a in entries]:
             raise ManifestError("the artifact was built with other adapters than the model given for its reference")
         return loaded
-    if info.get("mode") != "merge":
-        return loaded
-    entry = info["list"][0]
+    entry = entries[0]
     path = Path(entry["path"])
     try:
         digest = adapter_digest(path)

@@ -48,12 +48,10 @@ class Adapter:
 
 
 def adapter_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    for name in (CONFIG, WEIGHTS):
-        with open(path / name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    """sha256 over the sha256 of adapter_config.json and of the weights."""
+    from llmship.manifest import sha256_file
+
+    return hashlib.sha256("".join(sha256_file(path / name) for name in (CONFIG, WEIGHTS)).encode()).hexdigest()
 
 
 def _pattern_value(patterns: dict, module: str, default):

@@ -21,6 +21,16 @@ CANDIDATES = {"int4/g32": {"weights": "int4", "group_size": 32}, "int4/g64": {"w
               "fp16": {"weights": "fp16"}, "fp32": {"weights": "fp32"}}
 
 
+def _copies(module, spec, shapes) -> dict[str, int]:
+    """How many times the runtime stores each matrix: a tied embedding/head TIED_COPIES times where it must."""
+    return {m: getattr(module, "TIED_COPIES", 1) if m == EMBEDDING and spec.tie_word_embeddings else 1 for m in shapes}
+
+
+def _other_bytes(spec, shapes) -> int:
+    """Norms and biases: everything that is not a matrix, stored fp32."""
+    return 4 * (spec.num_params - sum(n * k for n, k in shapes.values()))
+
+
 def _with_rules(target, rules: list[dict]):
     from llmship.config import Recipe
 
@@ -75,14 +85,14 @@ def allocation(loaded, target, module, calibration, evaluation) -> tuple[object,
     grids = candidate_grids(target, module, spec)
     shapes = matrix_shapes(spec)
     options = {m: {k: g[m] for k, g in grids.items()} for m in shapes}
-    copies = {m: getattr(module, "TIED_COPIES", 1) if m == EMBEDDING and spec.tie_word_embeddings else 1 for m in shapes}
+    copies = _copies(module, spec, shapes)
     float_bytes = 2 if "fp16" in grids else 4
     sequences = calibration_sequences(loaded, calibration.model_copy(update={"tokens": budget.sensitivity_tokens}), evaluation)
     sens = sensitivity_table(loaded, options, sequences)
     costs = {m: {k: (matrix_bytes(g, shapes[m], float_bytes, copies[m]), sens[m][k]) for k, g in opts.items()}
              for m, opts in options.items()}
     total = budget.bytes if budget.bytes is not None else budget.bytes_per_param * spec.num_params
-    other = 4 * (spec.num_params - sum(n * k for n, k in shapes.values()))  # norms, biases: fp32
+    other = _other_bytes(spec, shapes)
     try:
         choice = allocate(costs, int(total) - other - budget.overhead_bytes)
     except ConfigError:
@@ -103,9 +113,8 @@ def predicted_bytes(loaded, target, module) -> int:
     shapes = matrix_shapes(spec)
     grids, _ = module.weight_plan(target, spec)
     float_bytes = 2 if target.recipe.compute == "fp16" or target.recipe.weights == "fp16" else 4
-    copies = getattr(module, "TIED_COPIES", 1) if spec.tie_word_embeddings else 1
-    matrices = sum(matrix_bytes(grids.get(m), shapes[m], float_bytes, copies if m == EMBEDDING else 1) for m in shapes)
-    return matrices + 4 * (spec.num_params - sum(n * k for n, k in shapes.values()))
+    copies = _copies(module, spec, shapes)
+    return sum(matrix_bytes(grids.get(m), shapes[m], float_bytes, copies[m]) for m in shapes) + _other_bytes(spec, shapes)
 
 
 def smallest_total(loaded, target, module) -> int:
@@ -115,7 +124,7 @@ def smallest_total(loaded, target, module) -> int:
     grids = candidate_grids(target, module, spec)
     shapes = matrix_shapes(spec)
     float_bytes = 2 if "fp16" in grids else 4
-    copies = {m: getattr(module, "TIED_COPIES", 1) if m == EMBEDDING and spec.tie_word_embeddings else 1 for m in shapes}
+    copies = _copies(module, spec, shapes)
     matrices = sum(min(matrix_bytes(g[m], shapes[m], float_bytes, copies[m]) for g in grids.values()) for m in shapes)
     overhead = target.recipe.budget.overhead_bytes if target.recipe.budget else 0
-    return matrices + 4 * (spec.num_params - sum(n * k for n, k in shapes.values())) + overhead
+    return matrices + _other_bytes(spec, shapes) + overhead

@@ -126,21 +126,27 @@ def text_windows(tokenizer, bos: int | None, path: str, total: int, window: int,
     return windows
 
 
-def sampled_windows(decoder, bos: int | None, total: int, window: int, decode: int, seed: int) -> list[Window]:
-    """Windows sampled from the reference model, all in one batch; kept on disk like the reference's logits, since
-    sampling decodes every token and the other targets of a build (and a re-validation) evaluate the same windows."""
+def sampled_windows(decoder, bos: int | None, total: int, window: int, decode: int, seed: int,
+                    weights_digest: str | None = None) -> list[Window]:
+    """Windows sampled from the reference model, all in one batch. With the digest of the decoder's weights they are
+    kept on disk like the reference's logits: sampling decodes every token, and the other targets of a build (and a
+    re-validation) evaluate the same windows."""
     from llmship.compress.calibration import sample_sequences
     from llmship.validation import cache
 
     count = max(1, -(-total // window))
     length = min(window, total) if count == 1 else window
-    digest = cache.weights_digest({n: p.detach() for n, p in decoder.named_parameters()})
-    sequences = cache.cached("sampled", (digest, bos, count, length, seed), lambda: {
-        "tokens": np.asarray(sample_sequences(decoder, bos, count, length, seed), dtype=np.int64)})["tokens"].tolist()
+
+    def sample() -> dict:
+        return {"tokens": np.asarray(sample_sequences(decoder, bos, count, length, seed), dtype=np.int64)}
+
+    found = cache.cached("sampled", (weights_digest, bos, count, length, seed), sample) if weights_digest else sample()
+    sequences = found["tokens"].tolist()
     return [Window(tuple(s), max(1, len(s) - min(decode, len(s) // 4))) for s in sequences]
 
 
-def make_plan(decoder, tokenizer, spec, target, evaluation, eval_text: str | None) -> EvalPlan:
+def make_plan(decoder, tokenizer, spec, target, evaluation, eval_text: str | None,
+              weights_digest: str | None = None) -> EvalPlan:
     """The evaluation plan for one target: windows of at most max_context, prompts for greedy generation."""
     window = min(evaluation.window or DEFAULT_WINDOW, target.max_context)
     decode = evaluation.decode_tokens
@@ -149,7 +155,7 @@ def make_plan(decoder, tokenizer, spec, target, evaluation, eval_text: str | Non
     if files:
         windows = [w for f in files for w in text_windows(tokenizer, bos, f, evaluation.tokens, window, decode)]
     else:
-        windows = sampled_windows(decoder, bos, evaluation.tokens, window, decode, evaluation.seed)
+        windows = sampled_windows(decoder, bos, evaluation.tokens, window, decode, evaluation.seed, weights_digest)
     longest = max(target.prefill_lengths)
     prompts = tuple(tuple(_with_bos(tokenizer.encode(p).ids, bos)[:longest]) for p in evaluation.prompts)
     greedy_tokens = min(evaluation.greedy_tokens, target.max_context - max(map(len, prompts)))

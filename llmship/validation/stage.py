@@ -55,6 +55,7 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
     """Run the artifact on its runtime against the FP32 and the compressed reference; write report.json; return it."""
     from llmship import adapters
     from llmship.models import build_decoder, load_model
+    from llmship.validation import cache
     from llmship.targets import target_from_manifest
     from llmship.validation import evaluate as ev
     from llmship.validation.gates import check_gates, failure_message
@@ -75,8 +76,10 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
     runner = open_runner(artifact_dir, manifest, target.threads)  # a missing runtime stops here, before any evaluation
     try:
         say(f"{target.name}: reference {loaded.source}")
-        plan = ev.make_plan(build_decoder(loaded, target.max_context), loaded.tokenizer, loaded.spec, target, config.evaluation, eval_text)
-        references = reference_results(loaded, record, target, plan)
+        weights = cache.weights_digest(loaded.weights)  # once: it keys the sampled windows and the FP32 reference
+        plan = ev.make_plan(build_decoder(loaded, target.max_context), loaded.tokenizer, loaded.spec, target,
+                            config.evaluation, eval_text, weights)
+        references = reference_results(loaded, record, target, plan, weights)
         say(f"{target.name}: evaluating {len(plan.tokens)} tokens in {len(plan.windows)} windows on {runner.executor}")
         logits = ev.teacher_forced(runner, plan, target.name)
         our_greedy = [ev.greedy(runner, p, plan.greedy_tokens, plan.chunk) for p in plan.prompts]
@@ -136,7 +139,7 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
     return report
 
 
-def reference_results(loaded, record, target, plan) -> dict:
+def reference_results(loaded, record, target, plan, weights_digest: str) -> dict:
     """The FP32 reference's logits and greedy tokens on the plan, the compressed reference's, and the noise floor:
     each computed once per (model weights, plan) or (record, plan) and cached on disk."""
     from llmship.models import build_decoder
@@ -150,7 +153,7 @@ def reference_results(loaded, record, target, plan) -> dict:
                 "greedy": np.asarray([ev.greedy(runner, p, plan.greedy_tokens, plan.chunk) for p in plan.prompts], dtype=np.int64)}
 
     planned = cache.plan_digest(plan)
-    fp32 = cache.cached("fp32", (cache.weights_digest(loaded.weights), planned, target.max_context),
+    fp32 = cache.cached("fp32", (weights_digest, planned, target.max_context),
                         lambda: run(build_decoder(loaded, target.max_context), "reference"))
     out = {"fp32": fp32["logits"], "fp32_greedy": fp32["greedy"], "compressed": fp32["logits"], "compressed_greedy": fp32["greedy"]}
     if record is None:
