@@ -121,10 +121,15 @@ def blockwise_arrays(t, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray | Non
 def table_lut(group: np.ndarray, bits: int = 4):
     """coremltools' custom LUT function for weights already on a palette: the group's distinct values are its
     table (fewer than 2^bits are padded with the largest), the indices point into it; dequantizing gives the
-    group back exactly."""
-    values = np.unique(group)
+    group back exactly.
+
+    The work is done in float32 (exact for fp16): numpy 2.4's float16 sort, which np.unique uses, returns
+    unsorted runs on some x86 CPUs for arrays of a few thousand elements with many repeats (this machine's
+    EPYC, 16 x 576 weights), and would make 16 values look like 20."""
+    wide = group.astype(np.float32)
+    values = np.unique(wide)
     if len(values) > 2 ** bits:
         raise ValueError(f"a palette group holds {len(values)} distinct values, more than a {bits}-bit table")
     table = np.concatenate([values, np.full(2 ** bits - len(values), values[-1], dtype=values.dtype)])
-    indices = np.searchsorted(values, group).astype(np.uint8)
+    indices = np.searchsorted(values, wide).astype(np.uint8)
     return table.astype(group.dtype), indices

@@ -96,3 +96,20 @@ def test_a_planted_converter_fault_passes_parity_but_fails_conversion(stories, t
     parity_gates = {g["name"] for g in report["gates"] if not g["name"].startswith(("conversion", "integrity", "regression"))}
     assert failed and failed <= {g for g in failed if g.startswith("conversion")}, failed
     assert parity_gates and not (failed & parity_gates)
+
+
+def test_a_palette_group_of_a_large_matrix_is_read_back_as_its_table():
+    """A 16 x 576 group (SmolLM2's width) on a 16-entry fp16 table gives back that table and indices that
+    rebuild the group exactly. numpy's float16 sort returns unsorted runs for arrays like this on some x86
+    CPUs, which once made SmolLM2's pal4 export fail with "20 distinct values"."""
+    from llmship.exporters.coreml_weights import table_lut
+
+    rng = np.random.default_rng(0)
+    table = np.sort(rng.standard_normal(16).astype(np.float32)).astype(np.float16)
+    group = table[rng.integers(0, 16, (16, 576))]
+    lut, indices = table_lut(group)
+    assert lut.dtype == np.float16 and np.array_equal(lut, table)
+    assert np.array_equal(lut[indices], group)
+    few = table[:5][rng.integers(0, 5, (16, 576))]  # fewer values than entries: padded, still exact
+    lut, indices = table_lut(few)
+    assert len(lut) == 16 and np.array_equal(lut[indices], few)
