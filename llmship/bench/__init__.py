@@ -71,7 +71,7 @@ def prepare(source: str, workdir: Path, quick: bool) -> BenchContext:
     target = TargetProfile(name="bench", format="pytorch", runtime="pytorch", max_context=512, prefill_lengths=(32, 128))
     decoder = build_decoder(loaded, 512)
     reference = ReferenceRunner.from_decoder(decoder)
-    plan = ev.make_plan(decoder, loaded.tokenizer, loaded.spec, target, Evaluation(tokens=128), None)  # one window
+    plan = ev.make_plan(lambda: decoder, loaded.tokenizer, loaded.spec, target, Evaluation(tokens=128), None)  # one window
     ref_logits = ev.teacher_forced(reference, plan, "reference")
     np.save(workdir / "reference_logits.npy", ref_logits)
     torch.set_num_threads(2)

@@ -77,9 +77,10 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
     try:
         say(f"{target.name}: reference {loaded.source}")
         weights = cache.weights_digest(loaded.weights)  # once: it keys the sampled windows and the FP32 reference
-        plan = ev.make_plan(build_decoder(loaded, target.max_context), loaded.tokenizer, loaded.spec, target,
+        plan = ev.make_plan(lambda: build_decoder(loaded, target.max_context), loaded.tokenizer, loaded.spec, target,
                             config.evaluation, eval_text, weights)
-        references = reference_results(loaded, record, target, plan, weights)
+        record_digest = record.digest() if record is not None else None  # once: it keys two references, and the report
+        references = reference_results(loaded, record, target, plan, weights, record_digest)
         say(f"{target.name}: evaluating {len(plan.tokens)} tokens in {len(plan.windows)} windows on {runner.executor}")
         logits = ev.teacher_forced(runner, plan, target.name)
         our_greedy = [ev.greedy(runner, p, plan.greedy_tokens, plan.chunk) for p in plan.prompts]
@@ -88,7 +89,7 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
     margin = target.gates.top1_tie_margin
     parity, series = compare(logits, our_greedy, references["fp32"], references["fp32_greedy"], plan, margin)
     conversion, conversion_series = compare(logits, our_greedy, references["compressed"], references["compressed_greedy"], plan, margin)
-    conversion["reference"] = "compressed (record digest %s)" % record.digest()[:12] if record is not None else "fp32 (no quantized weights)"
+    conversion["reference"] = "compressed (record digest %s)" % record_digest[:12] if record is not None else "fp32 (no quantized weights)"
     if "floor" in references:
         floor = float(references["floor"])
         conversion["noise_floor_kl_mean"] = floor
@@ -119,7 +120,7 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
         "parity_by_domain": by_domain(logits, references["fp32"], plan, margin),
         "conversion": conversion,
         "compression": None if record is None else {
-            "algorithm": record.algorithm, "digest": record.digest(), "matrices": len(record.tensors),
+            "algorithm": record.algorithm, "digest": record_digest, "matrices": len(record.tensors),
             "stored_bytes": sum(t.stored_bytes() for t in record.tensors.values()), "notes": record.notes,
             **allocation_summary(manifest)},
         "greedy": {"reference": ref_greedy, "artifact": our_greedy,
@@ -139,9 +140,9 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
     return report
 
 
-def reference_results(loaded, record, target, plan, weights_digest: str) -> dict:
+def reference_results(loaded, record, target, plan, weights_digest: str, record_digest: str | None = None) -> dict:
     """The FP32 reference's logits and greedy tokens on the plan, the compressed reference's, and the noise floor:
-    each computed once per (model weights, plan) or (record, plan) and cached on disk."""
+    each computed once per (model weights, plan) or (record, plan) and cached on disk (the digests are the keys)."""
     from llmship.models import build_decoder
     from llmship.validation import cache
     from llmship.validation import evaluate as ev
@@ -160,7 +161,8 @@ def reference_results(loaded, record, target, plan, weights_digest: str) -> dict
         return out
     from llmship.compress.reference import compressed_reference, has_dynamic_activations
 
-    comp = cache.cached("compressed", (record.digest(), planned, target.max_context),
+    record_digest = record_digest or record.digest()
+    comp = cache.cached("compressed", (record_digest, planned, target.max_context),
                         lambda: run(compressed_reference(loaded, record, target.max_context), "compressed reference"))
     out.update(compressed=comp["logits"], compressed_greedy=comp["greedy"])
     # The floor is what the conversion gate of a dynamic-activation recipe is a ratio to; a weight-only variant of
@@ -170,7 +172,7 @@ def reference_results(loaded, record, target, plan, weights_digest: str) -> dict
             noisy = ReferenceRunner.from_decoder(compressed_reference(loaded, record, target.max_context, noise_seed=0), threads=target.threads)
             metrics, _ = ev.parity_metrics(ev.teacher_forced(noisy, plan, "noise floor"), comp["logits"], plan.targets())
             return {"floor": np.asarray(metrics["kl_mean"])}
-        out["floor"] = cache.cached("floor", (record.digest(), planned, target.max_context), floor)["floor"]
+        out["floor"] = cache.cached("floor", (record_digest, planned, target.max_context), floor)["floor"]
     return out
 
 

@@ -99,3 +99,26 @@ def test_a_version_1_report_still_renders():
     page = html_page([v1])
     assert "onnx-int4" in page and 'class="errorbar"' not in page and "No greedy text" in page
     assert 'name="kl_mean_max"' in junit([v1])
+
+
+def test_parity_metrics_match_the_textbook_formulas_over_many_blocks_of_positions():
+    """per_token works on blocks of positions; the metrics over 37 positions (not a multiple of a block) equal
+    the definitions computed on the whole arrays by torch: KL(p_ref || p_art), perplexities, |err|, cosine."""
+    import torch
+
+    rng = np.random.default_rng(4)
+    ref = rng.normal(scale=3.0, size=(37, 300)).astype(np.float32)
+    art = ref + rng.normal(scale=0.3, size=ref.shape).astype(np.float32)
+    targets = next_tokens(list(rng.integers(0, 300, len(ref))))
+    m, series = parity_metrics(art, ref, targets)
+    lp, lq = torch.log_softmax(torch.from_numpy(ref).double(), -1), torch.log_softmax(torch.from_numpy(art).double(), -1)
+    kl = torch.nn.functional.kl_div(lq, lp, log_target=True, reduction="none").sum(-1).numpy()
+    rows, tok = np.arange(len(ref) - 1), torch.from_numpy(targets[:-1])
+    assert np.allclose(series["kl_per_token"], kl, rtol=1e-5) and np.isclose(m["kl_mean"], kl.mean(), rtol=1e-9)
+    assert np.isclose(m["ppl_reference"], float(torch.exp(-lp[rows, tok].mean())), rtol=1e-9)
+    assert np.isclose(m["ppl"], float(torch.exp(-lq[rows, tok].mean())), rtol=1e-9)
+    assert np.isclose(m["mean_abs_err"], np.abs(art.astype(np.float64) - ref).mean(), rtol=1e-9)
+    assert np.isclose(m["max_abs_err"], np.abs(art.astype(np.float64) - ref).max(), rtol=1e-9)
+    cos = torch.nn.functional.cosine_similarity(torch.from_numpy(art), torch.from_numpy(ref), dim=-1).numpy()
+    assert np.isclose(m["cosine_min"], cos.min(), rtol=1e-5)
+    assert m["top1_agreement"] == float((art.argmax(-1) == ref.argmax(-1)).mean())
