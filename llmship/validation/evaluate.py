@@ -126,10 +126,10 @@ def text_windows(tokenizer, bos: int | None, path: str, total: int, window: int,
     return windows
 
 
-def sampled_windows(decoder, bos: int | None, total: int, window: int, decode: int, seed: int,
+def sampled_windows(make_reference, bos: int | None, total: int, window: int, decode: int, seed: int,
                     weights_digest: str | None = None) -> list[Window]:
-    """Windows sampled from the reference model (`decoder()` builds it, only when they are not on disk), all in one
-    batch. With the digest of the decoder's weights they are kept on disk like the reference's logits: sampling
+    """Windows sampled from the reference model (`make_reference()` builds its decoder, only when they are not on
+    disk), all in one batch. With the digest of the decoder's weights they are kept on disk like the reference's logits: sampling
     decodes every token, and the other targets of a build (and a re-validation) evaluate the same windows."""
     from llmship.compress.calibration import sample_sequences
     from llmship.validation import cache
@@ -138,17 +138,17 @@ def sampled_windows(decoder, bos: int | None, total: int, window: int, decode: i
     length = min(window, total) if count == 1 else window
 
     def sample() -> dict:
-        return {"tokens": np.asarray(sample_sequences(decoder(), bos, count, length, seed), dtype=np.int64)}
+        return {"tokens": np.asarray(sample_sequences(make_reference(), bos, count, length, seed), dtype=np.int64)}
 
     found = cache.cached("sampled", (weights_digest, bos, count, length, seed), sample) if weights_digest else sample()
     sequences = found["tokens"].tolist()
     return [Window(tuple(s), max(1, len(s) - min(decode, len(s) // 4))) for s in sequences]
 
 
-def make_plan(decoder, tokenizer, spec, target, evaluation, eval_text: str | None,
+def make_plan(make_reference, tokenizer, spec, target, evaluation, eval_text: str | None,
               weights_digest: str | None = None) -> EvalPlan:
     """The evaluation plan for one target: windows of at most max_context, prompts for greedy generation.
-    `decoder`: a callable building the FP32 reference, called only when windows must be sampled."""
+    `make_reference`: builds the FP32 reference's decoder, called only when windows must be sampled."""
     window = min(evaluation.window or DEFAULT_WINDOW, target.max_context)
     decode = evaluation.decode_tokens
     bos = spec.bos_token_id
@@ -156,7 +156,7 @@ def make_plan(decoder, tokenizer, spec, target, evaluation, eval_text: str | Non
     if files:
         windows = [w for f in files for w in text_windows(tokenizer, bos, f, evaluation.tokens, window, decode)]
     else:
-        windows = sampled_windows(decoder, bos, evaluation.tokens, window, decode, evaluation.seed, weights_digest)
+        windows = sampled_windows(make_reference, bos, evaluation.tokens, window, decode, evaluation.seed, weights_digest)
     longest = max(target.prefill_lengths)
     prompts = tuple(tuple(_with_bos(tokenizer.encode(p).ids, bos)[:longest]) for p in evaluation.prompts)
     greedy_tokens = min(evaluation.greedy_tokens, target.max_context - max(map(len, prompts)))

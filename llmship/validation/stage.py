@@ -140,7 +140,7 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
     return report
 
 
-def reference_results(loaded, record, target, plan, weights_digest: str, record_digest: str | None = None) -> dict:
+def reference_results(loaded, record, target, plan, weights_digest: str, record_digest: str | None) -> dict:
     """The FP32 reference's logits and greedy tokens on the plan, the compressed reference's, and the noise floor:
     each computed once per (model weights, plan) or (record, plan) and cached on disk (the digests are the keys)."""
     from llmship.models import build_decoder
@@ -161,7 +161,6 @@ def reference_results(loaded, record, target, plan, weights_digest: str, record_
         return out
     from llmship.compress.reference import compressed_reference, has_dynamic_activations
 
-    record_digest = record_digest or record.digest()
     comp = cache.cached("compressed", (record_digest, planned, target.max_context),
                         lambda: run(compressed_reference(loaded, record, target.max_context), "compressed reference"))
     out.update(compressed=comp["logits"], compressed_greedy=comp["greedy"])

@@ -98,6 +98,34 @@ def test_a_planted_converter_fault_passes_parity_but_fails_conversion(stories, t
     assert parity_gates and not (failed & parity_gates)
 
 
+@pytest.mark.shared
+@pytest.mark.parametrize("tables", [4, None])
+def test_a_planted_palette_fault_fails_the_gate_that_guards_it(stories, tmp_path, monkeypatch, tables):
+    """Two neighbouring entries of a table swapped, as a converter bug in the palette path would. In the first
+    four tables (64 channels of one matrix): inside pal4's parity gates, caught by the conversion gate (stories260K,
+    96 tokens: parity KL 0.104 -> 0.114, conversion 8.4e-6 -> 2.7e-3). In every table: a recipe as bad as SmolLM2's
+    pal4 (KL 0.41), which the parity gates fail too."""
+    from llmship.exporters import coreml_weights
+
+    real, calls = coreml_weights.table_lut, []
+
+    def swapped(group, bits=4):
+        table, indices = real(group, bits)
+        calls.append(1)
+        if tables is None or len(calls) <= tables:
+            table = table.copy()
+            table[[7, 8]] = table[[8, 7]]
+        return table, indices
+
+    monkeypatch.setattr(coreml_weights, "table_lut", swapped)
+    art = export_artifact(stories, target("coreml-pal4", max_context=128, prefill_lengths=(32,)), tmp_path / "faulty")
+    report = validate_artifact(art, FAST, loaded=stories)
+    failed = {g["name"] for g in report["gates"] if not g["passed"]}
+    assert "conversion_kl_mean_max" in failed, failed
+    parity_failed = failed & {"top1_agreement_min", "kl_mean_max", "ppl_ratio_max"}
+    assert parity_failed == (set() if tables else {"top1_agreement_min", "kl_mean_max", "ppl_ratio_max"}), failed
+
+
 def test_a_palette_group_of_a_large_matrix_is_read_back_as_its_table():
     """A 16 x 576 group (SmolLM2's width) on a 16-entry fp16 table gives back that table and indices that
     rebuild the group exactly. numpy's float16 sort returns unsorted runs for arrays like this on some x86
