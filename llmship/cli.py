@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-ADAPTER_HELP = "a PEFT LoRA adapter directory to merge into the weights (adapters.list.<dir name>=DIR)"
+ADAPTER_HELP = ("a PEFT LoRA adapter directory (adapters.list.<dir name>=DIR): merged into the weights, or shipped as its "
+                "own file with --set adapters.mode=separate")
 
 
 def adapter_sets(dirs: list[str]) -> list[str]:
@@ -107,8 +108,12 @@ def cmd_inspect(args) -> int:
     print(f"source      {m['source']}  ({m['model']['architecture']}, {m['model']['params']:,} params)")
     adapters = m.get("adapters") if isinstance(m.get("adapters"), dict) else {}
     for a in adapters.get("list") or []:
+        file = a.get("file")
         print(f"adapter     {a.get('name')} ({adapters.get('mode')}): {a.get('path')}, {a.get('modules')} modules, "
-              f"rank {a.get('ranks')}, sha256 {str(a.get('sha256'))[:16]}")
+              f"rank {a.get('ranks')}, sha256 {str(a.get('sha256'))[:16]}"
+              + (f"; ships as {file} ({m['files'].get(file, {}).get('bytes', 0):,} bytes, {adapters.get('dtype')})" if file else ""))
+    if adapters.get("select"):
+        print(f"            select one: {adapters['select']}")
     print(f"recipe      {m['recipe']}")
     print(f"context     max_context {m['max_context']}, prefill lengths {m['prefill_lengths']}")
     kv = m["kv_cache"]

@@ -200,6 +200,9 @@ class Adapters(Strict):
 
     mode: Literal["merge", "separate"] = "merge"
     list: dict[str, str] = {}  # name -> PEFT adapter directory (adapter_config.json + adapter_model.safetensors)
+    # separate mode: how the shipped A and B are stored; auto: fp32 beside fp32 weights (fp32-level parity), else
+    # fp16 (QLoRA-style: half the bytes, parity then includes the fp16 rounding of the adapter)
+    dtype: Literal["auto", "fp16", "fp32"] = "auto"
 
     @field_validator("list")
     @classmethod

@@ -41,7 +41,7 @@ FORMATS: dict[str, FormatEntry] = {e.name: e for e in (
     FormatEntry("onnx", "onnxruntime", "llmship.exporters.onnx", "llmship.validation.runners.onnx:OnnxRunner",
                 ("onnx", "onnxruntime", "onnxscript", "onnx-ir", "onnxruntime-genai"),
                 "pip install onnx==1.23.2 onnxruntime==1.31.1 onnxscript==0.7.2 onnxruntime-genai==0.18.0", "onnx.yaml",
-                "ONNX Runtime (CPU), also an onnxruntime-genai model folder"),
+                "ONNX Runtime (CPU), also an onnxruntime-genai model folder", ("merge", "separate")),
     FormatEntry("tflite", "litert", "llmship.exporters.tflite", "llmship.validation.runners.litert:LiteRTRunner",
                 ("litert-torch", "ai-edge-litert", "ai-edge-quantizer", "litert-converter"),
                 "pip install litert-torch==0.10.0 ai-edge-litert==2.3.0 ai-edge-quantizer==0.10.0", "tflite.yaml",

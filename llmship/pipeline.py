@@ -63,9 +63,22 @@ def manifest_body(loaded, target, result) -> dict:
         "entry_points": result.entry_points,
         "tokenizer": "tokenizer.json",
         "toolchain": toolchain_versions(toolchain_packages(target.format)),
-        **({"adapters": loaded.adapters} if loaded.adapters else {}),
+        **({"adapters": adapters_manifest(target.name, loaded.adapters, result.adapters)} if loaded.adapters else {}),
         **result.extra,
     }
+
+
+def adapters_manifest(target: str, recorded: dict, shipped: dict) -> dict:
+    """The manifest's adapters: what was merged, or each separate adapter with the file the exporter wrote for it
+    and how an app activates one."""
+    if recorded["mode"] != "separate":
+        return recorded
+    files = shipped.get("files") or {}
+    missing = [e["name"] for e in recorded["list"] if e["name"] not in files]
+    if missing:
+        raise ExportError(target, "separate adapters", f"the exporter wrote no file for adapter {missing[0]}")
+    return {**recorded, "dtype": shipped["dtype"], "list": [{**e, "file": files[e["name"]]} for e in recorded["list"]],
+            "select": shipped["select"]}
 
 
 def compression_record(loaded, target, module, config, eval_text: str | None = None):

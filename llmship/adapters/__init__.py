@@ -1,12 +1,16 @@
 """LoRA / PEFT adapters over a source model.
 
-    load (peft_dir.py: adapter_config.json + adapter_model.safetensors) -> check against the base -> merge
+    load (peft_dir.py: adapter_config.json + adapter_model.safetensors) -> check against the base -> merge or ship
 
 `adapters: {mode: merge, list: {name: dir}}` folds the one adapter into the FP32 weights before compression and
 export (W + scale * B @ A, scale = lora_alpha / r, or lora_alpha / sqrt(r) with rslora): everything after the
-loader sees a plain model, and the FP32 reference is the merged model. The manifest records each adapter's path
-and digest, so `llmship validate` rebuilds the same reference and refuses an adapter that changed since.
-`mode: separate` is for runtimes whose registry entry lists it (llmship/formats.py `adapter_modes`).
+loader sees a plain model, and the FP32 reference is the merged model.
+`mode: separate` (runtimes whose registry entry lists it, llmship/formats.py `adapter_modes`) leaves the weights the
+base's, so the base is compressed and exported once, and hands the adapters on as `loaded.lora`: the exporter writes
+one adapter file per name in its runtime's own mechanism (branch.py: what is stored), and validation runs each
+against the base with that adapter merged in FP32.
+The manifest records each adapter's path and digest, so `llmship validate` rebuilds the same references and
+refuses an adapter that changed since.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from llmship.adapters.peft_dir import Adapter, adapter_digest, read_adapter
 from llmship.errors import ManifestError, ModelError
 
 __all__ = ["Adapter", "read_adapter", "merged", "load_source", "digests", "from_manifest"]
+MODES = ("merge", "separate")
 
 
 def check_base(loaded, adapter: Adapter) -> None:
@@ -43,13 +48,24 @@ def merged(loaded, adapter: Adapter):
     return dataclasses.replace(loaded, weights=weights, adapters={"mode": "merge", "list": [adapter.entry()]}, source_blocks=blocks)
 
 
+def separate(loaded, adapters: list[Adapter], dtype: str = "auto"):
+    """`loaded` (weights untouched) carrying `adapters` to ship beside it, stored as `dtype` (adapters.dtype)."""
+    for adapter in adapters:
+        check_base(loaded, adapter)
+    return dataclasses.replace(loaded, adapters={"mode": "separate", "dtype": dtype, "list": [a.entry() for a in adapters]},
+                               lora=tuple(adapters))
+
+
 def load_source(model: str, settings=None):
-    """The source model with its configured adapters applied (merge mode); without adapters, the source as it is."""
+    """The source model with its configured adapters: merged into the weights, or carried beside them (separate);
+    without adapters, the source as it is."""
     from llmship.models import load_model
 
     loaded = load_model(model)
-    if settings is None or not settings.list or settings.mode != "merge":
+    if settings is None or not settings.list:
         return loaded
+    if settings.mode == "separate":
+        return separate(loaded, [read_adapter(path, name) for name, path in sorted(settings.list.items())], settings.dtype)
     (name, path), = settings.list.items()  # merge mode holds one (config.Adapters checks it)
     return merged(loaded, read_adapter(path, name))
 
@@ -63,24 +79,35 @@ def digests(settings) -> dict | None:
     paths = {name: Path(path).expanduser().resolve() for name, path in settings.list.items()}
     for p in paths.values():
         read_config(p)
-    return {"mode": settings.mode, "sha256": {name: adapter_digest(p) for name, p in sorted(paths.items())}}
+    return {"mode": settings.mode, "dtype": settings.dtype,
+            "sha256": {name: adapter_digest(p) for name, p in sorted(paths.items())}}
 
 
 def from_manifest(loaded, manifest: dict):
-    """The reference model for an artifact: its base with the manifest's merged adapter folded in again, after
-    checking the adapter on disk is the one the artifact was built from."""
+    """The reference model for an artifact: its base with the manifest's adapters merged in again (merge mode) or
+    carried beside it (separate), after checking each adapter on disk is the one the artifact was built from."""
     info = manifest.get("adapters")
     if not info:
         return loaded
     entries = info.get("list") if isinstance(info, dict) else None
-    if not isinstance(entries, list) or info.get("mode") != "merge" or len(entries) != 1 or not all(
+    mode = info.get("mode") if isinstance(info, dict) else None
+    if not isinstance(entries, list) or mode not in MODES or not entries or (mode == "merge" and len(entries) != 1) or not all(
             isinstance(e, dict) and all(isinstance(e.get(k), str) for k in ("name", "path", "sha256")) for e in entries):
-        raise ManifestError("manifest.json: adapters must be {mode: merge, list: [{name, path, sha256, ...}]}")
-    if loaded.adapters:  # built in this process from the same config: check it is the same adapter
-        if [a["sha256"] for a in loaded.adapters["list"]] != [a["sha256"] for a in entries]:
+        raise ManifestError("manifest.json: adapters must be {mode: merge|separate, list: [{name, path, sha256, ...}]} "
+                            "(merge holds one)")
+    dtype = info.get("dtype")
+    if mode == "separate" and dtype not in ("fp16", "fp32"):
+        raise ManifestError(f"manifest.json: adapters.dtype must be fp16 or fp32 (how the adapter files store A and B), got {dtype!r}")
+    if loaded.adapters:  # built in this process from the same config: check it is the same adapters
+        if loaded.adapters.get("mode") != mode or [a["sha256"] for a in loaded.adapters["list"]] != [a["sha256"] for a in entries]:
             raise ManifestError("the artifact was built with other adapters than the model given for its reference")
-        return loaded
-    entry = entries[0]
+        return loaded if mode == "merge" else dataclasses.replace(loaded, adapters={**loaded.adapters, "dtype": dtype})
+    adapters = [_recorded(entry) for entry in entries]
+    return merged(loaded, adapters[0]) if mode == "merge" else separate(loaded, adapters, dtype)
+
+
+def _recorded(entry: dict) -> Adapter:
+    """The adapter a manifest entry names, read again from its path once its digest is checked."""
     path = Path(entry["path"])
     try:
         digest = adapter_digest(path)
@@ -90,4 +117,4 @@ def from_manifest(loaded, manifest: dict):
     if digest != entry["sha256"]:
         raise ManifestError(f"adapter {entry['name']}: {path} changed since the artifact was exported "
                             f"(sha256 {digest[:12]}, manifest {entry['sha256'][:12]})")
-    return merged(loaded, read_adapter(path, entry["name"]))
+    return read_adapter(path, entry["name"])

@@ -11,7 +11,9 @@ Each module defines
     export(job: ExportJob) -> ExportResult
                                          traces the model it is handed (never rebuilds it), writes the record's
                                          weights exactly in its runtime's own form, and writes the model file(s)
-                                         into `job.out_dir`.
+                                         into `job.out_dir`; with `adapters: {mode: separate}` (only for
+                                         formats listing it in adapter_modes) also one adapter file per
+                                         `job.loaded.lora` entry, named in ExportResult.adapters.
 The pipeline adds tokenizer.json and manifest.json and makes the directory appear atomically. Exporters import
 nothing from llmship.validation.
 """
@@ -46,6 +48,8 @@ class ExportResult:
     entry_points: dict[str, dict]  # name -> {"file", "method"/"signature", "inputs": [...], "outputs": [...]}
     kv_cache: dict[str, Any]  # {"held_as": "state"|"inputs", "dtype", "layout", ...}
     extra: dict[str, Any] = field(default_factory=dict)  # format-specific manifest fields
+    # separate adapters (job.loaded.lora): {"files": {name: file}, "select": how an app activates one}
+    adapters: dict[str, Any] = field(default_factory=dict)
 
 
 ROLES = ("tokens", "positions", "logits", "cache")

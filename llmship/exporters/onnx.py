@@ -16,6 +16,9 @@ the past buffer (genai, OnnxRunner) moves T rows per step instead of copying the
 attention is one Attention node per layer, fed the [1, n_kv_heads, C, head_dim] cache directly (it does
 grouped-query attention itself), so the cache is not repeated per query head every step either.
 
+Separate LoRA adapters (`adapters: {mode: separate}`) ship as ONNX Runtime adapter files beside one base graph
+(onnx_adapters).
+
 Weights come from the compression stage's record (llmship/compress/), written into the traced FP32 graph as
 ONNX Runtime's own quantized ops by `onnx_weights` (which also says which grids ONNX Runtime holds):
   int4 / int8 with group_size g   MatMulNBits, blocks of g along K; activations int8 -> accuracy_level 4.
@@ -34,9 +37,11 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from llmship.adapters.branch import storage_dtype
 from llmship.compress.plan import EMBEDDING as EMBEDDING_MODULE
 from llmship.errors import ConfigError
 from llmship.exporters import ExportJob, ExportResult, tensor_spec
+from llmship.exporters import onnx_adapters as oa
 from llmship.exporters import onnx_weights as ow
 from llmship.exporters.onnx_weights import weight_plan  # noqa: F401  (the registry's entry point)
 
@@ -357,6 +362,8 @@ def export(job: ExportJob) -> ExportResult:
     attend_to_cache_directly(model)
     name_weights(model)
     tied = untie_head(model)
+    lora_dtype = storage_dtype(job.loaded.adapters.get("dtype", "auto"), job.target) if job.loaded.lora else None
+    branches = oa.add_branches(model, job.loaded.lora, _find, lora_dtype) if job.loaded.lora else []
     if job.record is not None:
         apply_record(model, job.record, job.target, tied)
     if tied:
@@ -365,6 +372,8 @@ def export(job: ExportJob) -> ExportResult:
     data_file = save(model, job.out_dir)
     (job.out_dir / "genai_config.json").write_text(json.dumps(genai_config(job), indent=2) + "\n")
     (job.out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(job), indent=2) + "\n")
+    adapters = {"files": oa.write_adapters(job.out_dir, job.loaded.lora, lora_dtype), "select": oa.SELECT,
+                "dtype": lora_dtype} if branches else {}
 
     cache = [spec.num_kv_heads, c, spec.head_dim]
     past = [tensor_spec(p % i, "float32", [1, *cache], "cache") for i in range(spec.num_layers) for p in PAST]
@@ -390,4 +399,5 @@ def export(job: ExportJob) -> ExportResult:
             "execution_provider": "CPUExecutionProvider",
             "genai_config": "genai_config.json",
         }},
+        adapters=adapters,
     )

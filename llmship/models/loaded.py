@@ -23,8 +23,10 @@ class LoadedModel:
     # A source already quantized in blocks (GGUF Q4_0/Q4_1/Q8_0): its own codes, by module name, so the
     # compression stage can ship that exact grid where a runtime holds it (`recipe.algorithm: source`).
     source_blocks: dict = field(default_factory=dict)
-    # Adapters folded into `weights` (llmship/adapters/): {"mode": "merge", "list": [entry]}, as the manifest records them.
+    # Adapters as the manifest records them (llmship/adapters/): {"mode": "merge", "list": [entry]} when folded into
+    # `weights`; {"mode": "separate", "list": [entry, ...]} when shipped beside the base, which is then `lora`.
     adapters: dict | None = None
+    lora: tuple = ()  # separate mode: the adapters.Adapter objects (the weights stay the base's)
 
 
 @dataclass(frozen=True)

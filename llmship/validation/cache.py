@@ -11,10 +11,10 @@ import numpy as np
 
 
 def code_digest() -> str:
-    """The code that computes reference logits: the canonical model and the evaluation."""
+    """The code that computes reference logits: the canonical model, adapters, compression and the evaluation."""
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
-    for f in sorted([*(root / "models").glob("*.py"), root / "validation" / "evaluate.py", *(root / "compress").glob("*.py")]):
+    for f in sorted([*(root / "models").glob("*.py"), *(root / "adapters").glob("*.py"), root / "validation" / "evaluate.py", *(root / "compress").glob("*.py")]):
         h.update(f.name.encode() + f.read_bytes())
     return h.hexdigest()
 

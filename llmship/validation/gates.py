@@ -62,11 +62,13 @@ def _gate(name: str, value, limit, passed: bool, interval=None, kind: str | None
     return out
 
 
-def check_gates(report: dict, gates: Gates, baseline: dict | None = None) -> list[dict]:
+def check_gates(report: dict, gates: Gates, baseline: dict | None = None, sections: tuple[str, ...] | None = None) -> list[dict]:
+    """Every gate of `gates` on `report`; `sections` keeps only the gates on those parts of it (a separate adapter's
+    result has parity, conversion and its file's integrity, not the artifact's size or speed)."""
     results = []
     for name, (where, kind) in PARITY_GATES.items():
         limit = getattr(gates, name)
-        if limit is None:
+        if limit is None or (sections is not None and where.partition(".")[0] not in sections):
             continue
         value = lookup(report, where)
         if value is None and where.endswith("top1_clear"):  # a report without the robust figure: the raw one
@@ -76,7 +78,7 @@ def check_gates(report: dict, gates: Gates, baseline: dict | None = None) -> lis
             continue
         results.append(_gate(name, value, limit, value <= limit if kind == "max" else value >= limit, _interval(report, where)))
     budget = lookup(report, "compression.budget_bytes")
-    if budget is not None:  # a budgeted recipe promised a size
+    if budget is not None and sections is None:  # a budgeted recipe promised a size
         size = report["artifact"]["bytes"]
         results.append(_gate("budget_bytes", size, budget, size <= budget))
     if report.get("integrity") is not None:  # files unlike the manifest, before the run or after it

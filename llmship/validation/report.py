@@ -120,6 +120,20 @@ def _rows(reports: list[dict]) -> list[list[str]]:
                      _fmt(c.get("kl_mean")), _fmt(c.get("top1_agreement")),
                      _ratio(p["ppl"], p["ppl_reference"]), f"{p['greedy_match']}/{p['greedy_total']}", _fmt(p["max_abs_err"]),
                      f"{lat['decode_tok_s']:.1f}", f"{lat['ttft_ms']:.1f}", f"{r['memory']['peak_rss_mb']:.0f}", str(r["executor"])])
+        rows += _adapter_rows(r)
+    return rows
+
+
+def _adapter_rows(r: dict) -> list[list[str]]:
+    """One row per separate adapter, run with its file active (its size is its file's; speed is the base's row)."""
+    rows = []
+    for name, a in sorted((r.get("by_adapter") or {}).items()):
+        p, c = a["parity"], a.get("conversion") or {}
+        failed = [str(g["name"]) for g in a.get("gates", []) if not g["passed"]]
+        rows.append([f"{r['target']} + {name}", "PASS" if a.get("passed") else "FAIL: " + ", ".join(failed),
+                     f"{a['bytes'] / 1e6:.3f}", "-", f"{p['top1_agreement']:.4f}", _fmt(p["kl_mean"]), _fmt(p["kl_p99"]),
+                     _fmt(c.get("kl_mean")), _fmt(c.get("top1_agreement")), _ratio(p["ppl"], p["ppl_reference"]),
+                     f"{p['greedy_match']}/{p['greedy_total']}", _fmt(p["max_abs_err"]), "-", "-", "-", f"adapter file {a['file']}"])
     return rows
 
 
@@ -134,6 +148,9 @@ def source_line(report: dict) -> str:
     if not isinstance(info, dict) or not isinstance(info.get("list"), list):
         return str(report["source"])
     names = ", ".join(f"{a.get('name')} (sha256 {str(a.get('sha256'))[:12]})" for a in info["list"] if isinstance(a, dict))
+    if info.get("mode") == "separate":
+        return (f"{report['source']}, with separate adapters {names}: each row `target + name` "
+                "runs that adapter's file against the source with it merged")
     return f"{report['source']} + adapter {names}, {info.get('mode')}d"
 
 

@@ -5,6 +5,12 @@ and `conversion` against the compressed reference (the canonical model with the 
 runtime's activation quantization, in PyTorch: is the converter right?, gated tight for every recipe). An
 artifact without quantized weights has the FP32 reference as its compressed reference.
 
+An artifact with separate adapters is judged as the bare base (the report's top level) and once per adapter, run
+on the runtime with that adapter's shipped file active: parity against the FP32 base with the adapter merged,
+conversion against the compressed reference with the adapter's stored (fp16) tensors beside its linears. Each
+adapter's gates join the report's as `adapter.<name>.<gate>` (and its file's integrity); its numbers are in
+`by_adapter`. All are scored on the same plan (sampled from the bare base when no text is given).
+
 Order matters for the user: everything that can refuse the run (manifest, overrides, baseline, the runtime
 being installed, the reference model matching) is checked before the minutes of evaluation start.
 """
@@ -84,6 +90,8 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
         say(f"{target.name}: evaluating {len(plan.tokens)} tokens in {len(plan.windows)} windows on {runner.executor}")
         logits = ev.teacher_forced(runner, plan, target.name)
         our_greedy = [ev.greedy(runner, p, plan.greedy_tokens, plan.chunk) for p in plan.prompts]
+        by_adapter = {a.name: judge_adapter(runner, a, artifact_dir, manifest, integrity, loaded, record, target, plan,
+                                            weights, record_digest) for a in loaded.lora}
     finally:
         runner.close()
     margin = target.gates.top1_tie_margin
@@ -131,7 +139,10 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
                                             "decode_tok_s", "decode_ms_p50", "decode_ms_p90")},
         "memory": {"peak_rss_mb": timing["peak_rss_mb"]},
     }
-    report["gates"] = check_gates(report, target.gates, base)
+    if by_adapter:
+        report["by_adapter"] = by_adapter
+    report["gates"] = check_gates(report, target.gates, base) + [
+        {**g, "name": f"adapter.{name}.{g['name']}"} for name, result in by_adapter.items() for g in result["gates"]]
     report["passed"] = all(g["passed"] for g in report["gates"])
     write_report(artifact_dir, report)
     summary(report)
@@ -140,9 +151,49 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
     return report
 
 
-def reference_results(loaded, record, target, plan, weights_digest: str, record_digest: str | None) -> dict:
+def judge_adapter(runner, adapter, artifact_dir: Path, manifest: dict, integrity: dict, loaded, record, target, plan,
+                  weights_digest: str, record_digest: str | None) -> dict:
+    """One separate adapter: the artifact run with its shipped file active, against the base + that adapter."""
+    from llmship.manifest import artifact_file
+    from llmship.validation import evaluate as ev
+    from llmship.validation.gates import check_gates
+
+    entry = next(e for e in manifest["adapters"]["list"] if e["name"] == adapter.name)
+    file = entry.get("file")
+    if not isinstance(file, str):
+        raise ConfigError(f"manifest.json: adapter {adapter.name} names no file (adapters.list[].file)")
+    runner.set_adapter(artifact_file(artifact_dir, manifest, file))
+    try:
+        logits = ev.teacher_forced(runner, plan, f"{target.name} + {adapter.name}")
+        greedy = [ev.greedy(runner, p, plan.greedy_tokens, plan.chunk) for p in plan.prompts]
+    finally:
+        runner.set_adapter(None)
+    refs = reference_results(loaded, record, target, plan, weights_digest, record_digest, adapter)
+    margin = target.gates.top1_tie_margin
+    parity, _ = compare(logits, greedy, refs["fp32"], refs["fp32_greedy"], plan, margin)
+    conversion, _ = compare(logits, greedy, refs["compressed"], refs["compressed_greedy"], plan, margin)
+    if "floor" in refs:
+        conversion["noise_floor_kl_mean"] = float(refs["floor"])
+        conversion["floor_ratio"] = conversion["kl_mean"] / max(float(refs["floor"]), FP32_KL) if conversion["kl_mean"] is not None else None
+    result = {"file": file, "bytes": manifest["files"][file]["bytes"], "params": adapter.params, "parity": parity,
+              "conversion": conversion, "integrity": {"mismatched": [f for f in integrity["mismatched"] if f == file],
+                                                      "changed_by_validation": []},
+              "greedy": {"reference": [list(map(int, g)) for g in refs["fp32_greedy"]], "artifact": greedy}}
+    result["gates"] = check_gates(result, target.gates, sections=("parity", "conversion"))
+    result["passed"] = all(g["passed"] for g in result["gates"])
+    say(f"{target.name} + {adapter.name}: {'PASS' if result['passed'] else 'FAIL'}  top1 {parity['top1_agreement']:.4f}  "
+        f"KL {_num(parity['kl_mean'], '.3g')}  (conversion KL {_num(conversion['kl_mean'], '.3g')})  "
+        f"greedy {parity['greedy_match']}/{parity['greedy_total']}  {result['bytes'] / 1e3:.1f} kB")
+    return result
+
+
+def reference_results(loaded, record, target, plan, weights_digest: str, record_digest: str | None, adapter=None) -> dict:
     """The FP32 reference's logits and greedy tokens on the plan, the compressed reference's, and the noise floor:
-    each computed once per (model weights, plan) or (record, plan) and cached on disk (the digests are the keys)."""
+    each computed once per (model weights, plan) or (record, plan) and cached on disk (the digests are the keys).
+    With a separate `adapter`: the FP32 reference is the base with it merged, the compressed one runs its stored
+    tensors beside the (compressed) base's linears (adapters/branch.py), and its digest joins the keys."""
+    from llmship.adapters import merged
+    from llmship.adapters.branch import with_branches
     from llmship.models import build_decoder
     from llmship.validation import cache
     from llmship.validation import evaluate as ev
@@ -153,25 +204,30 @@ def reference_results(loaded, record, target, plan, weights_digest: str, record_
         return {"logits": ev.teacher_forced(runner, plan, desc),
                 "greedy": np.asarray([ev.greedy(runner, p, plan.greedy_tokens, plan.chunk) for p in plan.prompts], dtype=np.int64)}
 
-    planned = cache.plan_digest(plan)
-    fp32 = cache.cached("fp32", (weights_digest, planned, target.max_context),
-                        lambda: run(build_decoder(loaded, target.max_context), "reference"))
+    planned, c = cache.plan_digest(plan), target.max_context
+    also = (adapter.sha256, loaded.adapters["dtype"]) if adapter is not None else ()
+    fp32 = cache.cached("fp32", (weights_digest, *also, planned, c),
+                        lambda: run(build_decoder(loaded if adapter is None else merged(loaded, adapter), c), "reference"))
     out = {"fp32": fp32["logits"], "fp32_greedy": fp32["greedy"], "compressed": fp32["logits"], "compressed_greedy": fp32["greedy"]}
-    if record is None:
+    if record is None and adapter is None:
         return out
     from llmship.compress.reference import compressed_reference, has_dynamic_activations
 
-    comp = cache.cached("compressed", (record_digest, planned, target.max_context),
-                        lambda: run(compressed_reference(loaded, record, target.max_context), "compressed reference"))
+    def compressed_decoder(noise_seed=None):
+        decoder = build_decoder(loaded, c) if record is None else compressed_reference(loaded, record, c, noise_seed=noise_seed)
+        return decoder if adapter is None else with_branches(decoder, adapter, loaded.adapters["dtype"])
+
+    base_key = record_digest if record is not None else weights_digest
+    comp = cache.cached("compressed", (base_key, *also, planned, c), lambda: run(compressed_decoder(), "compressed reference"))
     out.update(compressed=comp["logits"], compressed_greedy=comp["greedy"])
     # The floor is what the conversion gate of a dynamic-activation recipe is a ratio to; a weight-only variant of
     # such a target (recipe.activations fp32) keeps the same gate, so it gets its floor too.
-    if has_dynamic_activations(record) or target.gates.conversion_floor_ratio_max is not None:
+    if record is not None and (has_dynamic_activations(record) or target.gates.conversion_floor_ratio_max is not None):
         def floor():
-            noisy = ReferenceRunner.from_decoder(compressed_reference(loaded, record, target.max_context, noise_seed=0), threads=target.threads)
+            noisy = ReferenceRunner.from_decoder(compressed_decoder(noise_seed=0), threads=target.threads)
             metrics, _ = ev.parity_metrics(ev.teacher_forced(noisy, plan, "noise floor"), comp["logits"], plan.targets())
             return {"floor": np.asarray(metrics["kl_mean"])}
-        out["floor"] = cache.cached("floor", (record_digest, planned, target.max_context), floor)["floor"]
+        out["floor"] = cache.cached("floor", (record_digest, *also, planned, c), floor)["floor"]
     return out
 
 

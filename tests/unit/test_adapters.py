@@ -134,8 +134,9 @@ def test_merge_takes_one_adapter_and_separate_is_refused_where_not_held(tmp_path
     with pytest.raises(ValueError, match="adapter name"):
         Adapters(list={"../a": "x"})
     config = BuildConfig(adapters=Adapters(mode="separate", list={"a": "x", "b": "y"}))
-    with pytest.raises(ConfigError, match=r"adapters.mode separate: .* onnxruntime \(onnx-fp32\)"):
-        resolve_target(config, "onnx-fp32")
+    with pytest.raises(ConfigError, match=r"adapters.mode separate: .* litert \(litert-fp32\)"):
+        resolve_target(config, "litert-fp32")
+    assert resolve_target(config, "onnx-fp32").name == "onnx-fp32"  # ONNX Runtime holds it (.onnx_adapter files)
 
 
 def test_targets_lists_the_adapter_modes(capsys):
@@ -144,3 +145,5 @@ def test_targets_lists_the_adapter_modes(capsys):
     assert cli.main(["targets"]) == 0
     out = capsys.readouterr().out
     assert out.count("adapters: merge") == out.count(" gates: ")
+    onnx = out.count("adapters: merge, separate")
+    assert onnx == out.count("\nonnx-") and onnx > 0  # separate on the onnx targets only

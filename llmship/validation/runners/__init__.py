@@ -7,6 +7,8 @@ Protocol (what every runner implements; the evaluation only talks to this):
     decode(token: int, input_pos) -> np.ndarray[vocab] float32
     reset() -> None                                   forget the KV cache
     close() -> None
+    set_adapter(path | None) -> None                  only runners of formats with adapter mode `separate`: run
+                                                      with that shipped adapter file active (None: the bare base)
 `prefill` takes 1 <= T <= max(prefill_lengths) tokens; a runner whose format has fixed lengths pads.
 Runners open only files the manifest lists (`llmship.manifest.artifact_file`) and call each entry point by the
 input and output names its manifest entry gives (`EntryIO`).

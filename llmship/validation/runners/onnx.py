@@ -4,6 +4,10 @@ The KV cache lives in numpy arrays wrapped as OrtValues (no copy). Through I/O b
 its present output are bound to the same OrtValue, as onnxruntime-genai's past_present_share_buffer mode
 does: the graph's ScatterElements then writes the new rows in place, and nothing is copied between steps.
 Only the logits are allocated per call.
+
+A separate adapter (`set_adapter`) is read from its shipped file by ONNX Runtime's own adapter reader
+(AdapterFormat.read_adapter) and its tensors are bound by name, in place of the graph's rank-0 defaults: that is
+what RunOptions.add_active_adapter does for `run`, which ONNX Runtime ignores for run_with_iobinding.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ class OnnxRunner:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # an adapter's overridable initializers are logged as a warning otherwise
         model = artifact_file(artifact_dir, manifest, manifest["entry_points"]["prefill"]["file"])
         self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
         self.executor = f"onnxruntime {ort.__version__} CPUExecutionProvider"
@@ -34,11 +39,27 @@ class OnnxRunner:
         for past, present, spec in zip(io.cache_inputs, io.cache_outputs, io.cache_specs):
             buffer = np.zeros(spec["shape"], dtype=np.dtype(spec["dtype"]))
             self.caches.append((past, present, buffer, ort.OrtValue.ortvalue_from_numpy(buffer)))
+        self.ort, self.adapter = ort, None
         self.binding = self.session.io_binding()
         self.binding.bind_output(io.logits, "cpu")  # first, so it stays output 0
+        self._bind_caches()
+
+    def _bind_caches(self) -> None:
         for past, present, _, value in self.caches:
             self.binding.bind_ortvalue_input(past, value)
             self.binding.bind_ortvalue_output(present, value)
+
+    def set_adapter(self, path: Path | None) -> None:
+        """Run with the separate adapter in `path` (an .onnx_adapter file of the artifact), or with none."""
+        self.binding.clear_binding_inputs()
+        self.binding.clear_binding_outputs()
+        self.binding.bind_output(self.io.logits, "cpu")
+        self._bind_caches()
+        self.adapter = None if path is None else self.ort.AdapterFormat.read_adapter(str(path))  # owns the tensors
+        if self.adapter is not None:
+            for name, value in self.adapter.get_parameters().items():
+                self.binding.bind_ortvalue_input(name, value)
+        self.reset()
 
     def prefill(self, tokens: Sequence[int], input_pos: int) -> np.ndarray:
         t = len(tokens)
@@ -57,5 +78,5 @@ class OnnxRunner:
             buffer.fill(0.0)
 
     def close(self) -> None:
-        self.binding = self.session = None
+        self.binding = self.session = self.ort = self.adapter = None
         self.caches = []
