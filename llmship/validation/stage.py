@@ -98,10 +98,7 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
     parity, series = compare(logits, our_greedy, references["fp32"], references["fp32_greedy"], plan, margin)
     conversion, conversion_series = compare(logits, our_greedy, references["compressed"], references["compressed_greedy"], plan, margin)
     conversion["reference"] = "compressed (record digest %s)" % record_digest[:12] if record is not None else "fp32 (no quantized weights)"
-    if "floor" in references:
-        floor = float(references["floor"])
-        conversion["noise_floor_kl_mean"] = floor
-        conversion["floor_ratio"] = conversion["kl_mean"] / max(floor, FP32_KL) if conversion["kl_mean"] is not None else None
+    add_floor(conversion, references)
     series["conversion_kl"] = conversion_series["kl"]
     say(f"{target.name}: latency and memory (separate process, {target.threads} threads)")
     with stage(f"{target.name}: timing"):
@@ -151,6 +148,14 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
     return report
 
 
+def add_floor(conversion: dict, references: dict) -> None:
+    """The noise floor beside the conversion metrics, and their ratio (what a dynamic-activation recipe is gated on)."""
+    if "floor" in references:
+        floor = float(references["floor"])
+        conversion["noise_floor_kl_mean"] = floor
+        conversion["floor_ratio"] = conversion["kl_mean"] / max(floor, FP32_KL) if conversion["kl_mean"] is not None else None
+
+
 def judge_adapter(runner, adapter, artifact_dir: Path, manifest: dict, integrity: dict, loaded, record, target, plan,
                   weights_digest: str, record_digest: str | None) -> dict:
     """One separate adapter: the artifact run with its shipped file active, against the base + that adapter."""
@@ -172,9 +177,7 @@ def judge_adapter(runner, adapter, artifact_dir: Path, manifest: dict, integrity
     margin = target.gates.top1_tie_margin
     parity, _ = compare(logits, greedy, refs["fp32"], refs["fp32_greedy"], plan, margin)
     conversion, _ = compare(logits, greedy, refs["compressed"], refs["compressed_greedy"], plan, margin)
-    if "floor" in refs:
-        conversion["noise_floor_kl_mean"] = float(refs["floor"])
-        conversion["floor_ratio"] = conversion["kl_mean"] / max(float(refs["floor"]), FP32_KL) if conversion["kl_mean"] is not None else None
+    add_floor(conversion, refs)
     result = {"file": file, "bytes": manifest["files"][file]["bytes"], "params": adapter.params, "parity": parity,
               "conversion": conversion, "integrity": {"mismatched": [f for f in integrity["mismatched"] if f == file],
                                                       "changed_by_validation": []},

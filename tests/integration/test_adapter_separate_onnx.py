@@ -63,6 +63,10 @@ def test_two_adapters_and_the_bare_base_each_pass_at_fp32_parity(tiny_fp32):
         assert result["parity"]["kl_mean"] < 1e-9 and result["parity"]["top1_agreement"] == 1.0
         assert result["parity"]["greedy_fraction"] == 1.0
     assert report["parity"]["kl_mean"] < 1e-9  # the bare base, through the same graph with its rank-0 defaults
+    from llmship.validation.report import markdown
+
+    page = markdown([report])
+    assert "| onnx-fp32 + all | PASS |" in page and "| onnx-fp32 + qv | PASS |" in page and "separate adapters all" in page
 
 
 def test_each_adapter_file_moves_the_model_to_its_own_reference(tiny_fp32, tiny):
