@@ -72,7 +72,7 @@ def prepare(source: str, workdir: Path, quick: bool) -> BenchContext:
     decoder = build_decoder(loaded, 512)
     reference = ReferenceRunner.from_decoder(decoder)
     plan = ev.make_plan(lambda: decoder, loaded.tokenizer, loaded.spec, target, Evaluation(tokens=128), None)  # one window
-    ref_logits = ev.teacher_forced(reference, plan, "reference")
+    ref_logits = ev.teacher_forced(reference, plan, "reference", whole_windows=True)
     np.save(workdir / "reference_logits.npy", ref_logits)
     torch.set_num_threads(2)
     return BenchContext(source=source, model=model_slug(source), workdir=workdir, hf_dir=hf_dir, params=loaded.spec.num_params,

@@ -55,12 +55,20 @@ def single_window_plan(tokens, prefill_tokens: int, chunk: int, prompts, greedy_
     return EvalPlan((Window(tuple(tokens), prefill_tokens),), chunk, tuple(tuple(p) for p in prompts), greedy_tokens)
 
 
-def teacher_forced(runner, plan: EvalPlan, desc: str = "teacher-forced") -> np.ndarray:
-    """Logits [N, vocab] at every position of every window: prefill chunks, then one decode step per token."""
+def teacher_forced(runner, plan: EvalPlan, desc: str = "teacher-forced", whole_windows: bool = False) -> np.ndarray:
+    """Logits [N, vocab] at every position of every window: prefill chunks, then one decode step per token (how an
+    artifact runs, so both of its entry points and its cache are exercised).
+
+    `whole_windows` is for the PyTorch references, whose logits do not depend on the entry point (one function;
+    fp32 summation order aside): each window is one forward pass. A reference's decode step reads every weight for
+    one token, so for SmolLM2 a 256-token window costs about what 10 decode steps do instead of 2 chunks + 16 steps."""
     out = []
     for w in bar(plan.windows, desc, len(plan.windows), unit="window"):
         runner.reset()
         toks = w.tokens
+        if whole_windows:
+            out.append(np.asarray(runner.prefill(toks, 0), dtype=np.float32))
+            continue
         for start in range(0, w.prefill_tokens, plan.chunk):
             out.append(np.asarray(runner.prefill(toks[start:min(start + plan.chunk, w.prefill_tokens)], start), dtype=np.float32))
         for pos in range(w.prefill_tokens, len(toks)):

@@ -204,7 +204,7 @@ def reference_results(loaded, record, target, plan, weights_digest: str, record_
 
     def run(decoder, desc):
         runner = ReferenceRunner.from_decoder(decoder, threads=target.threads)
-        return {"logits": ev.teacher_forced(runner, plan, desc),
+        return {"logits": ev.teacher_forced(runner, plan, desc, whole_windows=True),
                 "greedy": np.asarray([ev.greedy(runner, p, plan.greedy_tokens, plan.chunk) for p in plan.prompts], dtype=np.int64)}
 
     planned, c = cache.plan_digest(plan), target.max_context
@@ -228,7 +228,7 @@ def reference_results(loaded, record, target, plan, weights_digest: str, record_
     if record is not None and (has_dynamic_activations(record) or target.gates.conversion_floor_ratio_max is not None):
         def floor():
             noisy = ReferenceRunner.from_decoder(compressed_decoder(noise_seed=0), threads=target.threads)
-            metrics, _ = ev.parity_metrics(ev.teacher_forced(noisy, plan, "noise floor"), comp["logits"], plan.targets())
+            metrics, _ = ev.parity_metrics(ev.teacher_forced(noisy, plan, "noise floor", whole_windows=True), comp["logits"], plan.targets())
             return {"floor": np.asarray(metrics["kl_mean"])}
         out["floor"] = cache.cached("floor", (record_digest, *also, planned, c), floor)["floor"]
     return out

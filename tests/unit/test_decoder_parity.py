@@ -76,3 +76,20 @@ def test_sliding_window_smaller_than_context_is_refused():
     loaded = loaded_from_hf(hf)
     with pytest.raises(ConfigError, match="sliding_window"):
         build_decoder(loaded, 8192)
+
+
+def test_a_reference_scores_whole_windows_as_it_scores_chunks_and_decode_steps(tiny):
+    """The references run each window as one forward pass (`whole_windows`); an artifact runs prefill chunks then
+    decode steps. For the canonical model both give the same logits at every position, window after window."""
+    import numpy as np
+
+    from llmship.validation.evaluate import EvalPlan, Window, teacher_forced
+
+    gen = torch.Generator().manual_seed(3)
+    windows = tuple(Window(tuple(torch.randint(3, tiny.spec.vocab_size, (n,), generator=gen).tolist()), p)
+                    for n, p in ((70, 54), (40, 40), (33, 1)))
+    plan = EvalPlan(windows, 16, ((1, 2),), 4)
+    runner = ReferenceRunner.from_decoder(build_decoder(tiny, MAX_CONTEXT), threads=1)
+    stepwise, whole = teacher_forced(runner, plan), teacher_forced(runner, plan, whole_windows=True)
+    assert stepwise.shape == whole.shape == (143, tiny.spec.vocab_size)
+    assert np.abs(stepwise - whole).max() <= 1e-4
