@@ -19,6 +19,9 @@ FAMILY_CONFIGS = {
                        num_attention_heads=7, num_key_value_heads=1, tie_word_embeddings=True),
     "qwen3-qknorm-headdim": dict(model_type="qwen3", vocab_size=313, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=False),
+    "smollm3-nope": dict(model_type="smollm3", vocab_size=347, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
+                         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True, no_rope_layer_interval=2,
+                         pad_token_id=0),
     "smollm-like": dict(model_type="llama", vocab_size=389, hidden_size=96, intermediate_size=128, num_hidden_layers=3,
                         num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=True, rope_theta=100000.0),
 }

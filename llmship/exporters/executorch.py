@@ -131,7 +131,8 @@ class ExecuTorchDecoder(nn.Module):
             v = att.v_proj(h).view(1, -1, att.num_kv_heads, hd)
             if att.q_norm is not None:
                 q, k = _rms_norm(att.q_norm, q), _rms_norm(att.k_norm, k)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            if att.use_rope:
+                q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
             torch.ops.llama.update_cache(k, k_cache, start)
             torch.ops.llama.update_cache(v, v_cache, start)

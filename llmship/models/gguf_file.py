@@ -10,7 +10,7 @@ import torch
 
 from llmship.errors import ModelError
 from llmship.models.loaded import LoadedModel, SourceBlocks
-from llmship.models.spec import SUPPORTED_ARCHITECTURES, spec_from_config
+from llmship.models.spec import spec_from_config
 from llmship.models.weights import check_weights
 
 _LAYER_NAMES = {
@@ -24,6 +24,9 @@ _LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight", "ffn_down.weight": "mlp.down_proj.weight",
 }
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+
+# The GGUF architectures whose metadata llmship reads (SmolLM3's NoPE layers are read from config.json only).
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def _field(reader, key, default=None):
@@ -47,8 +50,8 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def gguf_config(reader) -> dict:
     arch = _field(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ModelError(f"unsupported architecture '{arch}' in GGUF; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ModelError(f"unsupported architecture '{arch}' in GGUF; supported: {', '.join(GGUF_ARCHITECTURES)}")
     tensor_names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in tensor_names:
         raise ModelError("GGUF with rope_freqs (llama3 rope scaling) is not supported; use the Hugging Face checkpoint")

@@ -5,8 +5,9 @@ from dataclasses import dataclass, field
 
 from llmship.errors import ModelError
 
-# model_type -> family quirks. SmolLM and MobileLLM checkpoints use model_type "llama".
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+# model_type -> family quirks. SmolLM and MobileLLM checkpoints use model_type "llama"; SmolLM3 ("smollm3") is
+# Llama with RoPE left out of some layers (NoPE).
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class ModelSpec:
     qk_norm: bool = False
     max_position_embeddings: int = 2048
     sliding_window: int | None = None
+    rope_layers: tuple[bool, ...] | None = None  # per layer, whether it applies RoPE (SmolLM3's NoPE layers); None: all
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
@@ -147,6 +149,7 @@ def spec_from_config(cfg: dict) -> ModelSpec:
             qk_norm=model_type == "qwen3",
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             sliding_window=_sliding_window(cfg),
+            rope_layers=_rope_layers(cfg) if model_type == "smollm3" else None,
             bos_token_id=None if cfg.get("bos_token_id") is None else _as_ids(cfg["bos_token_id"])[0],
             eos_token_ids=_as_ids(cfg.get("eos_token_id")),
         )
@@ -156,6 +159,21 @@ def spec_from_config(cfg: dict) -> ModelSpec:
     if spec.num_heads % spec.num_kv_heads:
         raise ModelError(f"num_attention_heads {spec.num_heads} is not a multiple of num_key_value_heads {spec.num_kv_heads}")
     return spec
+
+
+def _rope_layers(cfg: dict) -> tuple[bool, ...]:
+    """SmolLM3's `no_rope_layers` (1: the layer uses RoPE, 0: NoPE), or one NoPE layer every
+    `no_rope_layer_interval` layers (the last of each group), as transformers derives it."""
+    n = _integer(cfg, "num_hidden_layers")
+    flags = cfg.get("no_rope_layers")
+    if flags is None:
+        interval = _integer(cfg, "no_rope_layer_interval") if "no_rope_layer_interval" in cfg else 4
+        if interval < 1:
+            raise ModelError(f"config.json field no_rope_layer_interval must be positive, got {interval}")
+        return tuple((i + 1) % interval != 0 for i in range(n))
+    if not isinstance(flags, list) or len(flags) != n or any(f not in (0, 1) or isinstance(f, float) for f in flags):
+        raise ModelError(f"config.json field no_rope_layers must list 0 or 1 for each of the {n} layers, got {flags!r:.60}")
+    return tuple(bool(f) for f in flags)
 
 
 def _sliding_window(cfg: dict) -> int | None:

@@ -93,3 +93,17 @@ def test_a_reference_scores_whole_windows_as_it_scores_chunks_and_decode_steps(t
     stepwise, whole = teacher_forced(runner, plan), teacher_forced(runner, plan, whole_windows=True)
     assert stepwise.shape == whole.shape == (143, tiny.spec.vocab_size)
     assert np.abs(stepwise - whole).max() <= 1e-4
+
+
+def test_smollm3_nope_layers_come_from_either_config_field():
+    from llmship.errors import ModelError
+    from llmship.models.spec import spec_from_config
+
+    base = dict(model_type="smollm3", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2)
+    assert spec_from_config(base).rope_layers == (True, True, True, False)  # transformers' default interval 4
+    assert spec_from_config({**base, "no_rope_layer_interval": 2}).rope_layers == (True, False, True, False)
+    assert spec_from_config({**base, "no_rope_layers": [0, 1, 1, 0]}).rope_layers == (False, True, True, False)
+    with pytest.raises(ModelError, match="no_rope_layers must list 0 or 1 for each of the 4 layers"):
+        spec_from_config({**base, "no_rope_layers": [1, 1]})
+    assert spec_from_config({**base, "model_type": "llama"}).rope_layers is None
