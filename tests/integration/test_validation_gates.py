@@ -53,11 +53,13 @@ def good_artifact(stories, tmp_path_factory):
 
 
 def test_reference_validated_against_itself_is_exact_and_passes(good_artifact):
+    """The canonical model against itself: the artifact runs prefill chunks and decode steps, the reference each
+    window in one pass, so they differ by fp32 summation order only; greedy runs the same steps and is exact."""
     report = json.loads((good_artifact / "report.json").read_text())
     validate_schema(report)
     p = report["parity"]
-    assert p["max_abs_err"] == 0.0 and p["kl_mean"] == 0.0 and p["top1_agreement"] == 1.0
-    assert p["greedy_match"] == p["greedy_total"] == 32 and p["ppl"] == p["ppl_reference"]
+    assert p["max_abs_err"] <= 1e-4 and p["kl_mean"] <= 1e-10 and p["top1_agreement"] == 1.0
+    assert p["greedy_match"] == p["greedy_total"] == 32 and abs(p["ppl"] / p["ppl_reference"] - 1) <= 1e-6
     assert report["passed"] and all(g["passed"] for g in report["gates"]) and len(report["gates"]) >= 4
     lat = report["latency"]
     assert lat["decode_tok_s"] > 0 and lat["decode_ms_p90"] >= lat["decode_ms_p50"] > 0 and report["memory"]["peak_rss_mb"] > 50
