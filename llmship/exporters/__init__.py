@@ -48,7 +48,7 @@ class ExportResult:
     entry_points: dict[str, dict]  # name -> {"file", "method"/"signature", "inputs": [...], "outputs": [...]}
     kv_cache: dict[str, Any]  # {"held_as": "state"|"inputs", "dtype", "layout", ...}
     extra: dict[str, Any] = field(default_factory=dict)  # format-specific manifest fields
-    # separate adapters (job.loaded.lora): {"files": {name: file}, "select": how an app activates one}
+    # separate adapters (job.loaded.lora): {"files": {name: file}, "dtype": fp16|fp32, "select": how an app activates one}
     adapters: dict[str, Any] = field(default_factory=dict)
 
 

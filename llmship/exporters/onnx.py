@@ -362,8 +362,9 @@ def export(job: ExportJob) -> ExportResult:
     attend_to_cache_directly(model)
     name_weights(model)
     tied = untie_head(model)
-    lora_dtype = storage_dtype(job.loaded.adapters.get("dtype", "auto"), job.target) if job.loaded.lora else None
-    branches = oa.add_branches(model, job.loaded.lora, _find, lora_dtype) if job.loaded.lora else []
+    lora_dtype = storage_dtype(job.loaded.adapters["dtype"], job.target) if job.loaded.lora else None
+    if job.loaded.lora:
+        oa.add_branches(model, job.loaded.lora, _find, lora_dtype)
     if job.record is not None:
         apply_record(model, job.record, job.target, tied)
     if tied:
@@ -373,7 +374,7 @@ def export(job: ExportJob) -> ExportResult:
     (job.out_dir / "genai_config.json").write_text(json.dumps(genai_config(job), indent=2) + "\n")
     (job.out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(job), indent=2) + "\n")
     adapters = {"files": oa.write_adapters(job.out_dir, job.loaded.lora, lora_dtype), "select": oa.SELECT,
-                "dtype": lora_dtype} if branches else {}
+                "dtype": lora_dtype} if job.loaded.lora else {}
 
     cache = [spec.num_kv_heads, c, spec.head_dim]
     past = [tensor_spec(p % i, "float32", [1, *cache], "cache") for i in range(spec.num_layers) for p in PAST]

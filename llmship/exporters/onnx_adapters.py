@@ -7,9 +7,8 @@ Every linear some adapter touches gets a branch beside its weight, whatever grid
     y = MatMul(x, W)  ->  y + MatMul(MatMul(x, Cast(<module>.lora_A)), Cast(<module>.lora_B))
 
 `<module>.lora_A` [in, rank] and `<module>.lora_B` [rank, out] (fp16 or fp32, adapters.dtype; adapters/branch.py
-says what they hold) are
-graph inputs with a default initializer of rank 0, so the bare base adds zeros, and an adapter file holds the same
-names at its own rank, which ONNX Runtime feeds in place of the defaults. The base weights are in model.onnx once;
+says what they hold) are graph inputs with a default initializer of rank 0, so the bare base adds zeros, and an
+adapter file holds the same names at its own rank, which ONNX Runtime feeds in place of the defaults. The base weights are in model.onnx once;
 each adapter file holds only its A and B.
 """
 from __future__ import annotations
@@ -38,9 +37,9 @@ def _lora_input(model, name: str, shape: list, dtype: str) -> ir.Value:
     return value
 
 
-def add_branches(model, adapters, find, dtype: str) -> list[str]:
+def add_branches(model, adapters, find, dtype: str) -> None:
     """A LoRA branch beside every fp32 MatMul `<module>/MatMul` an adapter touches (before the record's weights
-    replace the MatMul: a quantized op keeps the same input and output values). Returns the modules."""
+    replace the MatMul: a quantized op keeps the same input and output values)."""
     modules = sorted({m for a in adapters for m in a.lora})
     for i, module in enumerate(modules):
         node = find(model, f"{module}/MatMul")
@@ -60,7 +59,6 @@ def add_branches(model, adapters, find, dtype: str) -> list[str]:
         model.graph.insert_after(node, nodes)
         for use in uses:
             use.node.replace_input_with(use.idx, nodes[-1].outputs[0])
-    return modules
 
 
 def write_adapters(out_dir: Path, adapters, dtype: str) -> dict[str, str]:

@@ -7,7 +7,7 @@ artifact without quantized weights has the FP32 reference as its compressed refe
 
 An artifact with separate adapters is judged as the bare base (the report's top level) and once per adapter, run
 on the runtime with that adapter's shipped file active: parity against the FP32 base with the adapter merged,
-conversion against the compressed reference with the adapter's stored (fp16) tensors beside its linears. Each
+conversion against the compressed reference with the adapter's stored (fp16/fp32) tensors beside its linears. Each
 adapter's gates join the report's as `adapter.<name>.<gate>` (and its file's integrity); its numbers are in
 `by_adapter`. All are scored on the same plan (sampled from the bare base when no text is given).
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmship.errors import ConfigError
+from llmship.errors import ConfigError, ManifestError
 from llmship.manifest import REPORT, check_integrity, read_manifest, write_text_atomic
 from llmship.progress import say, stage
 
@@ -166,7 +166,7 @@ def judge_adapter(runner, adapter, artifact_dir: Path, manifest: dict, integrity
     entry = next(e for e in manifest["adapters"]["list"] if e["name"] == adapter.name)
     file = entry.get("file")
     if not isinstance(file, str):
-        raise ConfigError(f"manifest.json: adapter {adapter.name} names no file (adapters.list[].file)")
+        raise ManifestError(f"manifest.json: adapter {adapter.name} names no file (adapters.list[].file)")
     runner.set_adapter(artifact_file(artifact_dir, manifest, file))
     try:
         logits = ev.teacher_forced(runner, plan, f"{target.name} + {adapter.name}")
