@@ -48,6 +48,7 @@ def manifest_body(loaded, target, result) -> dict:
             "num_heads": spec.num_heads,
             "num_kv_heads": spec.num_kv_heads,
             "head_dim": spec.head_dim,
+            "rotary_dim": spec.rope_dim,
             "tie_word_embeddings": spec.tie_word_embeddings,
             "bos_token_id": spec.bos_token_id,
             "eos_token_ids": list(spec.eos_token_ids),
@@ -57,6 +58,10 @@ def manifest_body(loaded, target, result) -> dict:
             "layout": ["batch=1", "num_kv_heads", "max_context", "head_dim"],
             "shape": [1, spec.num_kv_heads, target.max_context, spec.head_dim],
             "num_layers": spec.num_layers,
+            # every layer's cache holds max_context positions; a sliding-window layer attends to its last `window`
+            # of them (null: the whole cache). A ring buffer of `window` rows is not implemented yet.
+            "length_per_layer": [target.max_context] * spec.num_layers,
+            "window_per_layer": [spec.window_of(i) for i in range(spec.num_layers)],
             **result.kv_cache,
         },
         "logits": "prefill returns logits for every input position [1, T, vocab]; decode for its one token",

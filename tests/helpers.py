@@ -14,14 +14,23 @@ FAMILY_CONFIGS = {
     "llama-attention-bias": dict(model_type="llama", vocab_size=203, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=4, attention_bias=True, mlp_bias=True),
     "mistral": dict(model_type="mistral", vocab_size=301, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=8, num_key_value_heads=2, sliding_window=4096),
+                    num_attention_heads=8, num_key_value_heads=2, sliding_window=10),  # shorter than the tests' sequences
     "qwen2-bias": dict(model_type="qwen2", vocab_size=277, hidden_size=56, intermediate_size=112, num_hidden_layers=2,
-                       num_attention_heads=7, num_key_value_heads=1, tie_word_embeddings=True),
+                       num_attention_heads=7, num_key_value_heads=1, tie_word_embeddings=True,
+                       use_sliding_window=True, sliding_window=13, max_window_layers=1),  # layer 0 global, layer 1 windowed
     "qwen3-qknorm-headdim": dict(model_type="qwen3", vocab_size=313, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=False),
     "smollm3-nope": dict(model_type="smollm3", vocab_size=347, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
                          num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True, no_rope_layer_interval=2,
                          pad_token_id=0),
+    # Phi-4-mini's shape of Phi-3: fused qkv/gate_up, a quarter of each head left unrotated, LongRoPE (short factors
+    # inside the 128-token pretraining context, cos/sin scaled by sqrt(1 + ln 8 / ln 128)), tied head, GQA 3.
+    "phi4mini-partial-longrope": dict(model_type="phi3", vocab_size=317, hidden_size=96, intermediate_size=80,
+                                      num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                                      tie_word_embeddings=True, partial_rotary_factor=0.75, max_position_embeddings=1024,
+                                      original_max_position_embeddings=128, pad_token_id=0,
+                                      rope_scaling={"type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 5.0],
+                                                    "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]}),
     "smollm-like": dict(model_type="llama", vocab_size=389, hidden_size=96, intermediate_size=128, num_hidden_layers=3,
                         num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=True, rope_theta=100000.0),
 }
@@ -33,8 +42,9 @@ def hf_model(name: str, seed: int = 0):
 
     kwargs = dict(FAMILY_CONFIGS[name])
     model_type = kwargs.pop("model_type")
-    config = AutoConfig.for_model(model_type, max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=0.08,
-                                  bos_token_id=1, eos_token_id=2, **kwargs)
+    kwargs.setdefault("max_position_embeddings", 256)
+    config = AutoConfig.for_model(model_type, rms_norm_eps=1e-5, initializer_range=0.08, bos_token_id=1, eos_token_id=2,
+                                  **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():

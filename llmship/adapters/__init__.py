@@ -24,8 +24,23 @@ __all__ = ["Adapter", "read_adapter", "merged", "load_source", "digests", "from_
 MODES = ("merge", "separate")
 
 
-def check_base(loaded, adapter: Adapter) -> None:
-    """Every adapted module is a linear of the base with the adapter's shapes (exit 3 naming the module)."""
+def fit_base(loaded, adapter: Adapter) -> Adapter:
+    """The adapter on the base's canonical modules: a LoRA on a fused projection (Phi-3's qkv_proj, gate_up_proj)
+    becomes one per part, sharing A and taking B's rows of that part (the same W + s B A, row by row). Every adapted
+    module must be a linear of the base with the adapter's shapes (exit 3 naming the module)."""
+    from llmship.models.weights import fused_parts
+
+    lora = {}
+    for module, (a, b, scale) in adapter.lora.items():
+        parts = fused_parts(loaded.spec, module)
+        if parts is None:
+            lora[module] = (a, b, scale)
+        elif b.shape[0] != sum(parts.values()):
+            raise ModelError(f"adapter {adapter.name}: {module} has {b.shape[0]} output rows, not the "
+                             f"{sum(parts.values())} of {loaded.source}'s fused projection: the adapter was trained for another base")
+        else:
+            lora.update({part: (a, rows, scale) for part, rows in zip(parts, b.split(list(parts.values())))})
+    adapter = dataclasses.replace(adapter, lora=lora)
     for module, (a, b, _) in adapter.lora.items():
         w = loaded.weights.get(f"{module}.weight")
         if w is None or w.dim() != 2 or module.endswith(("embed_tokens", "lm_head")):
@@ -34,11 +49,12 @@ def check_base(loaded, adapter: Adapter) -> None:
         if (b.shape[0], a.shape[1]) != tuple(w.shape):
             raise ModelError(f"adapter {adapter.name}: {module} is {tuple(w.shape)} in {loaded.source} but the adapter's "
                              f"B @ A is {(b.shape[0], a.shape[1])}: the adapter was trained for another base")
+    return adapter
 
 
 def merged(loaded, adapter: Adapter):
     """`loaded` with the adapter folded into its weights (new tensors; the base's are untouched)."""
-    check_base(loaded, adapter)
+    adapter = fit_base(loaded, adapter)
     weights = dict(loaded.weights)
     for module, (a, b, scale) in adapter.lora.items():
         w = weights[f"{module}.weight"]
@@ -50,8 +66,7 @@ def merged(loaded, adapter: Adapter):
 
 def separate(loaded, adapters: list[Adapter], dtype: str = "auto"):
     """`loaded` (weights untouched) carrying `adapters` to ship beside it, stored as `dtype` (adapters.dtype)."""
-    for adapter in adapters:
-        check_base(loaded, adapter)
+    adapters = [fit_base(loaded, adapter) for adapter in adapters]
     return dataclasses.replace(loaded, adapters={"mode": "separate", "dtype": dtype, "list": [a.entry() for a in adapters]},
                                lora=tuple(adapters))
 

@@ -34,6 +34,7 @@ from llmship.compress.grids import Grid, symmetric
 from llmship.compress.plan import EMBEDDING, HEAD, matrix_shapes, module_rules, role, rule_variants
 from llmship.errors import ConfigError
 from llmship.exporters import ExportJob, ExportResult, tensor_spec
+from llmship.models.decoder import windowed
 
 PTE = "model.pte"
 TIED_COPIES = 2  # a tied embedding/head is stored twice (the lookup's table and XNNPACK's head): what a budget counts
@@ -57,13 +58,20 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm.weight * (x * torch.rsqrt(ms + norm.eps))
 
 
-def _rotate_half_matrix(head_dim: int) -> torch.Tensor:
-    # rotate_half as a constant matmul: XNNPACK cannot slice a tensor of dynamic shape, it can multiply it.
-    half = torch.arange(head_dim // 2)
+def _rotate_half_matrix(head_dim: int, rope_dim: int) -> torch.Tensor:
+    # rotate_half of the first rope_dim dims as a constant matmul: XNNPACK cannot slice a tensor of dynamic shape, it
+    # can multiply it. The dims past rope_dim (Phi's partial rotary) map to zero, and the padded tables below give
+    # them cos 1 and sin 0, so they pass through exactly.
+    half = torch.arange(rope_dim // 2)
     r = torch.zeros(head_dim, head_dim)
-    r[half, half + head_dim // 2] = -1.0
-    r[half + head_dim // 2, half] = 1.0
+    r[half, half + rope_dim // 2] = -1.0
+    r[half + rope_dim // 2, half] = 1.0
     return r
+
+
+def _padded(table: torch.Tensor, head_dim: int, value: float) -> torch.Tensor:
+    pad = head_dim - table.shape[-1]
+    return torch.cat((table, torch.full((table.shape[0], pad), value)), dim=-1) if pad else table.clone()
 
 
 def _own_tables(module: nn.Module) -> nn.Module:
@@ -103,9 +111,9 @@ class ExecuTorchDecoder(nn.Module):
         self.spec, self.max_context = spec, decoder.max_context
         tree = _replaced(decoder, replacements or {})
         self.model, self.lm_head = tree.model, tree.lm_head
-        self.register_buffer("rope_cos", decoder.rope_cos.clone(), persistent=False)
-        self.register_buffer("rope_sin", decoder.rope_sin.clone(), persistent=False)
-        self.register_buffer("rotate_half", _rotate_half_matrix(spec.head_dim), persistent=False)
+        self.register_buffer("rope_cos", _padded(decoder.rope_cos, spec.head_dim, 1.0), persistent=False)
+        self.register_buffer("rope_sin", _padded(decoder.rope_sin, spec.head_dim, 0.0), persistent=False)
+        self.register_buffer("rotate_half", _rotate_half_matrix(spec.head_dim, spec.rope_dim), persistent=False)
         shape = (1, decoder.max_context, spec.num_kv_heads, spec.head_dim)
         for i in range(spec.num_layers):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
@@ -122,6 +130,10 @@ class ExecuTorchDecoder(nn.Module):
         positions = input_pos + torch.arange(t, dtype=torch.int64)
         cos = self.rope_cos[positions].view(1, -1, 1, hd)
         sin = self.rope_sin[positions].view(1, -1, 1, hd)
+        causal = None  # the explicit mask, built only for a model with sliding-window layers shorter than the cache
+        if any((w := layer.self_attn.window) is not None and w < self.max_context for layer in self.model.layers):
+            rows = torch.arange(self.max_context, dtype=torch.int64)[None, :]
+            causal = torch.zeros(t, self.max_context).masked_fill(rows > positions[:, None], float("-inf"))
         x = self.model.embed_tokens(tokens)
         for i, layer in enumerate(self.model.layers):
             att, mlp = layer.self_attn, layer.mlp
@@ -136,8 +148,11 @@ class ExecuTorchDecoder(nn.Module):
             k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
             torch.ops.llama.update_cache(k, k_cache, start)
             torch.ops.llama.update_cache(v, v_cache, start)
-            # Causal from `start`: query i sees cache positions 0..start+i, what the canonical mask allows.
-            o = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0, True)
+            if att.window is None or att.window >= self.max_context:
+                # Causal from `start`: query i sees cache positions 0..start+i, what the canonical mask allows.
+                o = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0, True)
+            else:  # a sliding-window layer: the canonical mask as an explicit [T, C] mask (start unused without is_causal)
+                o = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, windowed(causal, positions, att.window), 0, False)
             x = x + att.o_proj(o.view(1, -1, att.num_heads * hd))
             h = _rms_norm(layer.post_attention_layernorm, x)
             x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))

@@ -33,7 +33,7 @@ from llmship.errors import ConfigError
 from llmship.exporters import ExportJob, ExportResult, tensor_spec
 from llmship.exporters import tflite_weights as tw
 from llmship.exporters.tflite_weights import weight_plan  # noqa: F401  (the registry's entry point)
-from llmship.models.decoder import CacheIODecoder, MobileDecoder, cache_names, with_attention
+from llmship.models.decoder import CacheIODecoder, MobileDecoder, cache_names, windowed, with_attention
 
 MODEL_FILE = "model.tflite"
 INT4_BLOCK_SIZES = (32, 64, 128, 256)  # what litert-torch's generative recipes (and XNNPACK) support
@@ -129,6 +129,7 @@ class LiteRTAttention(nn.Module):
         a = self.attn
         b, t, _ = x.shape
         q, k, v = a.project(x, cos, sin)
+        mask = windowed(mask, positions, a.window)
         zero = torch.zeros([], dtype=torch.int32)
         start = [zero, zero, positions[0].to(torch.int32).reshape([]), zero]
         k_cache = self.dynamic_update_slice(k_cache, k.to(k_cache.dtype), start)

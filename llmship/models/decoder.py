@@ -30,12 +30,19 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
-    hd = spec.head_dim
+def rope_inv_freq(spec: ModelSpec, max_context: int) -> torch.Tensor:
+    """The frequencies RoPE rotates the first `spec.rope_dim` dims of each head by, for a cache of `max_context`."""
+    hd = spec.rope_dim
     inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
     scaling = spec.rope_scaling
     if scaling is None:
         return inv_freq
+    if scaling["rope_type"] == "longrope":
+        # Phi's LongRoPE: per-frequency divisors, the long ones past the pretraining context. transformers picks them
+        # per forward call from the sequence length; a static cache picks once from its length, so an artifact whose
+        # max_context exceeds original_max_position_embeddings uses the long factors at every position.
+        long = max_context > scaling["original_max_position_embeddings"]
+        return inv_freq / torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32)
     if scaling["rope_type"] == "linear":
         return inv_freq / float(scaling["factor"])
     # llama3: keep high frequencies, divide low ones by `factor`, blend in between.
@@ -50,13 +57,41 @@ def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
     return torch.where(medium, blended, scaled)
 
 
+def rope_attention_factor(spec: ModelSpec) -> float:
+    """What LongRoPE multiplies cos and sin by (1 for every other RoPE): its `attention_factor`, or
+    sqrt(1 + ln(s) / ln(original context)) with s = factor, or max_position_embeddings / original context."""
+    scaling = spec.rope_scaling
+    if scaling is None or scaling["rope_type"] != "longrope":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    original = scaling["original_max_position_embeddings"]
+    factor = float(scaling.get("factor") or spec.max_position_embeddings / original)
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
+    """RoPE on the first cos.shape[-1] dims of x (all of them, or Phi's partial rotary); the rest pass through."""
+    dim = cos.shape[-1]
+    if dim == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rotated, passed = x[..., :dim], x[..., dim:]
+    return torch.cat((rotated * cos + rotate_half(rotated) * sin, passed), dim=-1)
+
+
+def windowed(mask: torch.Tensor, positions: torch.Tensor, window: int | None) -> torch.Tensor:
+    """The causal mask [T, cache] narrowed to a sliding window: a query at position p also stops seeing cache rows
+    at or before p - window (transformers' sliding-window mask). `window` None, or one that spans the whole cache:
+    the mask as it is (no extra op in the graph)."""
+    if window is None or window >= mask.shape[-1]:
+        return mask
+    rows = torch.arange(mask.shape[-1], dtype=torch.int64)[None, :]
+    return mask.masked_fill(rows <= positions[:, None] - window, float("-inf"))
 
 
 class Attention(nn.Module):
@@ -65,6 +100,7 @@ class Attention(nn.Module):
         d, hd = spec.hidden_size, spec.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, hd
         self.use_rope = spec.rope_layers is None or spec.rope_layers[layer]  # False: a NoPE layer (SmolLM3)
+        self.window = spec.window_of(layer)  # a sliding-window layer (Mistral, Qwen2, SmolLM3, Phi-3); None: global
         self.q_proj = nn.Linear(d, spec.num_heads * hd, bias=spec.qkv_bias)
         self.k_proj = nn.Linear(d, spec.num_kv_heads * hd, bias=spec.qkv_bias)
         self.v_proj = nn.Linear(d, spec.num_kv_heads * hd, bias=spec.qkv_bias)
@@ -89,6 +125,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, positions, mask, k_cache, v_cache, inplace: bool):
         b, t, _ = x.shape
         q, k, v = self.project(x, cos, sin)
+        mask = windowed(mask, positions, self.window)
         if inplace:
             k_cache.index_copy_(2, positions, k.to(k_cache.dtype))
             v_cache.index_copy_(2, positions, v.to(v_cache.dtype))
@@ -161,20 +198,16 @@ class MobileDecoder(nn.Module):
         super().__init__()
         if max_context < 1:
             raise ConfigError(f"max_context must be positive, got {max_context}")
-        if spec.sliding_window and max_context > spec.sliding_window:
-            raise ConfigError(
-                f"max_context {max_context} exceeds the model's sliding_window {spec.sliding_window}; "
-                "the static cache implements full attention only"
-            )
         self.spec, self.max_context = spec, max_context
         self.model = Backbone(spec)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        freqs = torch.outer(torch.arange(max_context, dtype=torch.int64).float(), rope_inv_freq(spec))
+        freqs = torch.outer(torch.arange(max_context, dtype=torch.int64).float(), rope_inv_freq(spec, max_context))
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("rope_cos", emb.cos(), persistent=False)
-        self.register_buffer("rope_sin", emb.sin(), persistent=False)
+        scale = rope_attention_factor(spec)
+        self.register_buffer("rope_cos", emb.cos() * scale, persistent=False)  # [max_context, spec.rope_dim]
+        self.register_buffer("rope_sin", emb.sin() * scale, persistent=False)
         shape = (1, spec.num_kv_heads, max_context, spec.head_dim)
         for i in range(spec.num_layers):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape, dtype=cache_dtype), persistent=False)

@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 from llmship.errors import ModelError
 
 # model_type -> family quirks. SmolLM and MobileLLM checkpoints use model_type "llama"; SmolLM3 ("smollm3") is
-# Llama with RoPE left out of some layers (NoPE).
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
+# Llama with RoPE left out of some layers (NoPE); Phi-3 and Phi-4-mini ("phi3") fuse q/k/v and gate/up (split on
+# load, weights.py), may rotate only part of each head (partial_rotary_factor) and scale RoPE with LongRoPE.
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3")
+ROPE_SCALINGS = ("linear", "llama3", "longrope")
 
 
 @dataclass(frozen=True)
@@ -29,10 +31,22 @@ class ModelSpec:
     mlp_bias: bool = False
     qk_norm: bool = False
     max_position_embeddings: int = 2048
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # the window of the layers that have one (see `window_of`)
+    sliding_layers: tuple[bool, ...] | None = None  # per layer, whether it attends within the window; None: all
     rope_layers: tuple[bool, ...] | None = None  # per layer, whether it applies RoPE (SmolLM3's NoPE layers); None: all
+    rotary_dim: int | None = None  # how many leading dims of each head RoPE rotates (Phi's partial rotary); None: all
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    def window_of(self, layer: int) -> int | None:
+        """How far back layer `layer` attends (a query at p sees p - window + 1 .. p), or None: the whole cache."""
+        if self.sliding_window is None or (self.sliding_layers is not None and not self.sliding_layers[layer]):
+            return None
+        return self.sliding_window
+
+    @property
+    def rope_dim(self) -> int:
+        return self.head_dim if self.rotary_dim is None else self.rotary_dim
 
     @property
     def num_params(self) -> int:
@@ -57,16 +71,20 @@ def _rope_settings(cfg: dict) -> tuple[float, dict | None]:
         if value is not None and not isinstance(value, dict):
             raise ModelError(f"config.json field {key} must be an object, not {type(value).__name__} ({value!r:.40})")
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    if params and params.get("rope_type", "default") != "default":
-        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    if params and params.get("rope_type", params.get("type", "default")) != "default":
+        scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
     if scaling is not None:
         kind = scaling.get("rope_type", scaling.get("type", "default"))
+        kind = "longrope" if kind == "su" else kind  # Phi-3's first checkpoints called LongRoPE "su"
         if kind == "default":
             scaling = None
-        elif kind not in ("llama3", "linear"):
-            raise ModelError(f"rope scaling '{kind}' is not supported (supported: default, linear, llama3)")
+        elif kind not in ROPE_SCALINGS:
+            raise ModelError(f"rope scaling '{kind}' is not supported (supported: default, {', '.join(ROPE_SCALINGS)})")
         else:
             scaling = dict(scaling, rope_type=kind)
+            if kind == "longrope" and "original_max_position_embeddings" not in scaling:
+                scaling["original_max_position_embeddings"] = cfg.get("original_max_position_embeddings",
+                                                                      cfg.get("max_position_embeddings", 2048))
     return float(theta), scaling
 
 
@@ -149,7 +167,9 @@ def spec_from_config(cfg: dict) -> ModelSpec:
             qk_norm=model_type == "qwen3",
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             sliding_window=_sliding_window(cfg),
+            sliding_layers=_sliding_layers(cfg),
             rope_layers=_rope_layers(cfg) if model_type == "smollm3" else None,
+            rotary_dim=_rotary_dim(cfg, hidden // heads) if model_type == "phi3" else None,
             bos_token_id=None if cfg.get("bos_token_id") is None else _as_ids(cfg["bos_token_id"])[0],
             eos_token_ids=_as_ids(cfg.get("eos_token_id")),
         )
@@ -158,7 +178,34 @@ def spec_from_config(cfg: dict) -> ModelSpec:
     _check_sizes(spec)
     if spec.num_heads % spec.num_kv_heads:
         raise ModelError(f"num_attention_heads {spec.num_heads} is not a multiple of num_key_value_heads {spec.num_kv_heads}")
+    if spec.rope_scaling and spec.rope_scaling["rope_type"] == "longrope":
+        _check_longrope(spec)
     return spec
+
+
+def _rotary_dim(cfg: dict, default_head_dim: int) -> int | None:
+    """Phi's `partial_rotary_factor` (top level, or in transformers 5's rope_parameters) as a count of head dims."""
+    factor = cfg.get("partial_rotary_factor", (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0))
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+        raise ModelError(f"config.json field partial_rotary_factor must be in (0, 1], got {factor!r:.40}")
+    head_dim = _integer(cfg, "head_dim") if cfg.get("head_dim") else default_head_dim
+    dim = int(head_dim * factor)  # transformers truncates the same way
+    if dim < 2 or dim % 2:
+        raise ModelError(f"partial_rotary_factor {factor} of head_dim {head_dim} rotates {dim} dims; RoPE needs an even number")
+    return None if dim == head_dim else dim
+
+
+def _check_longrope(spec: ModelSpec) -> None:
+    scaling = spec.rope_scaling
+    for key in ("short_factor", "long_factor"):
+        factors = scaling.get(key)
+        if not isinstance(factors, list) or len(factors) != spec.rope_dim // 2 or not all(
+                isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in factors):
+            raise ModelError(f"config.json: longrope {key} must list {spec.rope_dim // 2} positive numbers "
+                             f"(one per rotated frequency), got {factors!r:.60}")
+    original = scaling["original_max_position_embeddings"]
+    if isinstance(original, bool) or not isinstance(original, int) or original < 1:
+        raise ModelError(f"config.json: longrope original_max_position_embeddings must be a positive integer, got {original!r:.40}")
 
 
 def _rope_layers(cfg: dict) -> tuple[bool, ...]:
@@ -177,7 +224,33 @@ def _rope_layers(cfg: dict) -> tuple[bool, ...]:
 
 
 def _sliding_window(cfg: dict) -> int | None:
-    if cfg.get("model_type") == "mistral" or cfg.get("use_sliding_window"):
+    if cfg.get("model_type") in ("mistral", "phi3") or cfg.get("use_sliding_window"):
         window = cfg.get("sliding_window")
-        return int(window) if window else None
+        if window is None:
+            return None
+        window = _integer(cfg, "sliding_window")
+        if window < 1:
+            raise ModelError(f"config.json field sliding_window must be positive, got {window}")
+        return window
+    return None
+
+
+def _sliding_layers(cfg: dict) -> tuple[bool, ...] | None:
+    """Which layers use the window: `layer_types` where the config lists them (transformers 5 writes it), else
+    transformers' rule for the family: Qwen2 from max_window_layers (default 28) on, SmolLM3 its NoPE layers, every
+    layer for Mistral and Phi-3."""
+    if _sliding_window(cfg) is None:
+        return None
+    n = _integer(cfg, "num_hidden_layers")
+    types = cfg.get("layer_types")
+    if types is not None:
+        if not isinstance(types, list) or len(types) != n or any(t not in ("sliding_attention", "full_attention") for t in types):
+            raise ModelError(f"config.json field layer_types must name sliding_attention or full_attention for each of the "
+                             f"{n} layers, got {types!r:.60}")
+        return tuple(t == "sliding_attention" for t in types)
+    if cfg.get("model_type") == "qwen2":
+        first = _integer(cfg, "max_window_layers", 28)
+        return tuple(i >= first for i in range(n))
+    if cfg.get("model_type") == "smollm3":
+        return tuple(not rope for rope in _rope_layers(cfg))
     return None

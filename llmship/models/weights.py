@@ -32,8 +32,43 @@ def expected_weight_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# Fused projections some families store (Phi-3: qkv_proj rows are q, k, v; gate_up_proj rows are gate, up) -> the
+# canonical ones they hold, as functions of the spec giving each part's rows.
+FUSED = {
+    "self_attn.qkv_proj": {"self_attn.q_proj": lambda s: s.num_heads * s.head_dim,
+                           "self_attn.k_proj": lambda s: s.num_kv_heads * s.head_dim,
+                           "self_attn.v_proj": lambda s: s.num_kv_heads * s.head_dim},
+    "mlp.gate_up_proj": {"mlp.gate_proj": lambda s: s.intermediate_size, "mlp.up_proj": lambda s: s.intermediate_size},
+}
+
+
+def fused_parts(spec: ModelSpec, module: str) -> dict[str, int] | None:
+    """{canonical module: rows} that a fused module (model.layers.N.self_attn.qkv_proj, ...) holds, in row order;
+    None for a module that is not fused."""
+    for kind, parts in FUSED.items():
+        if module.endswith("." + kind):
+            prefix = module[: -len(kind)]
+            return {prefix + name: rows(spec) for name, rows in parts.items()}
+    return None
+
+
+def split_fused(spec: ModelSpec, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Replace each fused projection by the canonical ones (row slices of it, so each is stored once)."""
+    for name in [n for n in weights if n.endswith((".qkv_proj.weight", ".gate_up_proj.weight"))]:
+        parts = fused_parts(spec, name.removesuffix(".weight"))
+        fused = weights[name]
+        if parts is None or fused.dim() != 2 or fused.shape[0] != sum(parts.values()):
+            raise ModelError(f"{source}: {name} is {tuple(fused.shape)}, not the {sum((parts or {}).values())} rows "
+                             "config.json gives its parts")
+        for (part, part_weight) in zip(parts, fused.split(list(parts.values()))):
+            weights[f"{part}.weight"] = part_weight.contiguous()
+        del weights[name]
+
+
 def check_weights(spec: ModelSpec, weights: dict[str, torch.Tensor], source: str, tokenizer=None) -> None:
-    """Names, shapes, values and the tokenizer must fit the spec; a tied lm_head equal to the embedding is dropped."""
+    """Names, shapes, values and the tokenizer must fit the spec; fused projections are split into the canonical
+    ones; a tied lm_head equal to the embedding is dropped."""
+    split_fused(spec, weights, source)
     expected = expected_weight_shapes(spec)
     missing = [k for k in expected if k not in weights]
     if missing:

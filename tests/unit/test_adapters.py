@@ -147,3 +147,28 @@ def test_targets_lists_the_adapter_modes(capsys):
     assert out.count("adapters: merge") == out.count(" gates: ")
     onnx = out.count("adapters: merge, separate")
     assert onnx == out.count("\nonnx-") and onnx > 0  # separate on the onnx targets only
+
+
+@pytest.mark.parametrize("mode", ["merge", "separate"])
+def test_a_lora_on_phi3s_fused_projections_is_split_onto_the_canonical_ones(mode, tmp_path):
+    from llmship.adapters import separate
+    from llmship.adapters.branch import with_branches
+    from tests.helpers import hf_model, loaded_from_hf
+
+    hf = hf_model("phi4mini-partial-longrope")
+    loaded = loaded_from_hf(hf)
+    oracle = peft_adapter(hf, tmp_path / "ad", r=4, targets=("qkv_proj", "gate_up_proj", "o_proj", "down_proj"))
+    adapter = read_adapter(tmp_path / "ad", "ad")
+    assert len(adapter.lora) == 2 * 4 and any(m.endswith("qkv_proj") for m in adapter.lora)
+    ids = torch.randint(3, loaded.spec.vocab_size, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    if mode == "merge":
+        decoder = build_decoder(merged(loaded, adapter), 64)
+    else:
+        carried = separate(loaded, [adapter], "fp32")
+        (fitted,) = carried.lora
+        assert sorted({m.rsplit(".", 1)[1] for m in fitted.lora}) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj",
+                                                                     "up_proj", "v_proj"]
+        decoder = with_branches(build_decoder(carried, 64), fitted, "fp32")
+    ours = chunked_logits(decoder, ids, prefill=17)
+    assert (ours - hf_logits(oracle, ids)).abs().max().item() <= 1e-4
+    assert (hf_logits(oracle, ids) - hf_logits(hf, ids)).abs().max().item() > 1e-2

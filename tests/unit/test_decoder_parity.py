@@ -71,12 +71,40 @@ def test_position_past_max_context_is_a_clear_error():
         decoder.prefill(torch.tensor([[1] * 10]), 25)
 
 
-def test_sliding_window_smaller_than_context_is_refused():
-    hf = hf_model("mistral")
-    loaded = loaded_from_hf(hf)
-    with pytest.raises(ConfigError, match="sliding_window"):
-        build_decoder(loaded, 8192)
+@pytest.mark.parametrize("family", ["mistral", "qwen2-bias"])
+def test_a_sliding_window_shorter_than_the_context_is_applied_where_the_config_says(family):
+    # The parity tests above run these families past their windows (10 and 13 positions); here the window is shown
+    # to matter: the same weights with full attention are far from transformers.
+    import dataclasses
 
+    hf = hf_model(family)
+    loaded = loaded_from_hf(hf)
+    expected = {"mistral": (None, 10), "qwen2-bias": ((False, True), 13)}[family]
+    assert (loaded.spec.sliding_layers, loaded.spec.sliding_window) == expected
+    ids = torch.randint(3, hf.config.vocab_size, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    full = dataclasses.replace(loaded, spec=dataclasses.replace(loaded.spec, sliding_window=None))
+    assert (chunked_logits(build_decoder(full, MAX_CONTEXT), ids, prefill=17) - hf_logits(hf, ids)).abs().max().item() > 0.05
+
+
+def test_which_layers_slide_comes_from_layer_types_or_the_familys_rule():
+    from llmship.errors import ModelError
+    from llmship.models.spec import spec_from_config
+
+    base = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, sliding_window=8)
+    assert spec_from_config({**base, "model_type": "mistral"}).window_of(3) == 8
+    assert spec_from_config({**base, "model_type": "llama"}).window_of(0) is None  # Llama has no window
+    qwen2 = {**base, "model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 2}
+    assert [spec_from_config(qwen2).window_of(i) for i in range(4)] == [None, None, 8, 8]
+    assert spec_from_config({**qwen2, "use_sliding_window": False}).sliding_window is None
+    smollm3 = {**base, "model_type": "smollm3", "use_sliding_window": True, "no_rope_layer_interval": 2}
+    assert spec_from_config(smollm3).sliding_layers == (False, True, False, True)  # its NoPE layers
+    types = ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+    assert spec_from_config({**qwen2, "layer_types": types}).sliding_layers == (False, True, True, False)
+    with pytest.raises(ModelError, match="layer_types must name sliding_attention or full_attention"):
+        spec_from_config({**qwen2, "layer_types": ["full_attention"]})
+    with pytest.raises(ModelError, match="sliding_window must be positive"):
+        spec_from_config({**base, "model_type": "mistral", "sliding_window": 0})
 
 def test_a_reference_scores_whole_windows_as_it_scores_chunks_and_decode_steps(tiny):
     """The references run each window as one forward pass (`whole_windows`); an artifact runs prefill chunks then
@@ -107,3 +135,56 @@ def test_smollm3_nope_layers_come_from_either_config_field():
     with pytest.raises(ModelError, match="no_rope_layers must list 0 or 1 for each of the 4 layers"):
         spec_from_config({**base, "no_rope_layers": [1, 1]})
     assert spec_from_config({**base, "model_type": "llama"}).rope_layers is None
+
+
+def test_phi_longrope_uses_the_long_factors_past_the_pretraining_context():
+    # transformers switches to the long factors once a sequence passes original_max_position_embeddings (128 here); a
+    # cache longer than that uses them at every position, so one pass over 150 tokens matches transformers'.
+    hf = hf_model("phi4mini-partial-longrope")
+    loaded = loaded_from_hf(hf)
+    ids = torch.randint(3, hf.config.vocab_size, (150,), generator=torch.Generator().manual_seed(2)).tolist()
+    ref = hf_logits(hf, ids)
+    assert (chunked_logits(build_decoder(loaded, 160), ids, prefill=140) - ref).abs().max().item() <= 1e-4
+    # the short factors would be wrong here (an exporter that kept them would fail its parity gate)
+    assert (chunked_logits(build_decoder(loaded, 128), ids[:128], prefill=120) - ref[:128]).abs().max().item() > 0.1
+
+
+PHI = dict(model_type="phi3", vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+           num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.5, original_max_position_embeddings=64,
+           rope_scaling={"type": "su", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4})
+
+
+def test_phi_partial_rotary_and_longrope_come_from_the_config():
+    from llmship.errors import ModelError
+    from llmship.models.spec import spec_from_config
+
+    spec = spec_from_config(PHI)
+    assert (spec.rotary_dim, spec.rope_dim, spec.rope_scaling["rope_type"]) == (8, 8, "longrope")
+    assert spec.rope_scaling["original_max_position_embeddings"] == 64
+    assert spec_from_config({**PHI, "partial_rotary_factor": 1.0, "rope_scaling": None}).rotary_dim is None
+    for fields, message in (({"partial_rotary_factor": 0.2}, "rotates 3 dims; RoPE needs an even number"),
+                            ({"partial_rotary_factor": 1.5}, "partial_rotary_factor must be in"),
+                            ({"rope_scaling": {"type": "longrope", "short_factor": [1.0] * 3, "long_factor": [1.0] * 4}},
+                             "short_factor must list 4 positive numbers"),
+                            ({"rope_scaling": {"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [0.0] * 4}},
+                             "long_factor must list 4 positive numbers")):
+        with pytest.raises(ModelError, match=message):
+            spec_from_config({**PHI, **fields})
+
+
+def test_fused_projections_are_split_once_and_a_wrong_size_is_named():
+    from llmship.errors import ModelError
+    from llmship.models.weights import check_weights
+
+    hf = hf_model("phi4mini-partial-longrope")
+    loaded = loaded_from_hf(hf)
+    state = hf.state_dict()
+    qkv = state["model.layers.1.self_attn.qkv_proj.weight"]
+    q, kv = 6 * 16, 2 * 16
+    assert torch.equal(loaded.weights["model.layers.1.self_attn.k_proj.weight"], qkv[q:q + kv])
+    assert torch.equal(loaded.weights["model.layers.1.mlp.up_proj.weight"], state["model.layers.1.mlp.gate_up_proj.weight"][80:])
+    assert not any("qkv_proj" in k or "gate_up_proj" in k for k in loaded.weights)
+    bad = {k: v.clone() for k, v in state.items()}
+    bad["model.layers.0.mlp.gate_up_proj.weight"] = bad["model.layers.0.mlp.gate_up_proj.weight"][:-1]
+    with pytest.raises(ModelError, match=r"model.layers.0.mlp.gate_up_proj.weight is \(159, 96\), not the 160 rows"):
+        check_weights(loaded.spec, bad, "test")
