@@ -34,6 +34,7 @@ def rtn(loaded, grids: dict[str, Grid], sequences=None, notes=None) -> dict[str,
 def gptq_sequential(loaded, grids: dict[str, Grid], sequences, notes: dict) -> dict[str, Quantized]:
     """GPTQ through the model, one layer at a time, on the calibration sequences (a list of token lists)."""
     from llmship.models import build_decoder
+    from llmship.models.decoder import causal_mask
 
     length = max(len(s) for s in sequences)
     # The decoder shares the source's tensors; the projections it quantizes as it goes get their own copies, so the
@@ -44,8 +45,7 @@ def gptq_sequential(loaded, grids: dict[str, Grid], sequences, notes: dict) -> d
     tokens = torch.tensor(sequences, dtype=torch.int64)
     positions = torch.arange(tokens.shape[1])
     cos, sin = decoder.rope_cos[positions], decoder.rope_sin[positions]
-    allowed = torch.arange(length)[None, :] <= positions[:, None]
-    mask = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+    mask = causal_mask(positions, length)
     with torch.no_grad():
         hidden = decoder.model.embed_tokens(tokens)
         for i, layer in enumerate(bar(decoder.model.layers, "gptq", len(decoder.model.layers), unit="layer")):

@@ -32,6 +32,7 @@ class Probe:
 
     def __init__(self, loaded, sequences: list[list[int]]):
         from llmship.models import build_decoder
+        from llmship.models.decoder import causal_mask
 
         self.loaded = loaded
         length = max(len(s) for s in sequences)
@@ -40,8 +41,7 @@ class Probe:
         self.positions = torch.arange(tokens.shape[1])
         d = self.decoder
         self.cos, self.sin = d.rope_cos[self.positions], d.rope_sin[self.positions]
-        allowed = torch.arange(length)[None, :] <= self.positions[:, None]
-        self.mask = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+        self.mask = causal_mask(self.positions, length)
         self.tokens = tokens
         with torch.no_grad():
             h = d.model.embed_tokens(tokens)

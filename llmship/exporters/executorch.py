@@ -34,7 +34,7 @@ from llmship.compress.grids import Grid, symmetric
 from llmship.compress.plan import EMBEDDING, HEAD, matrix_shapes, module_rules, role, rule_variants
 from llmship.errors import ConfigError
 from llmship.exporters import ExportJob, ExportResult, tensor_spec
-from llmship.models.decoder import windowed
+from llmship.models.decoder import causal_mask, windowed
 
 PTE = "model.pte"
 TIED_COPIES = 2  # a tied embedding/head is stored twice (the lookup's table and XNNPACK's head): what a budget counts
@@ -114,6 +114,8 @@ class ExecuTorchDecoder(nn.Module):
         self.register_buffer("rope_cos", _padded(decoder.rope_cos, spec.head_dim, 1.0), persistent=False)
         self.register_buffer("rope_sin", _padded(decoder.rope_sin, spec.head_dim, 0.0), persistent=False)
         self.register_buffer("rotate_half", _rotate_half_matrix(spec.head_dim, spec.rope_dim), persistent=False)
+        # per layer, the sliding window narrower than the cache (None: causal over the whole cache, custom_sdpa's own)
+        self.windows = [w if w is not None and w < self.max_context else None for w in map(spec.window_of, range(spec.num_layers))]
         shape = (1, decoder.max_context, spec.num_kv_heads, spec.head_dim)
         for i in range(spec.num_layers):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
@@ -130,10 +132,7 @@ class ExecuTorchDecoder(nn.Module):
         positions = input_pos + torch.arange(t, dtype=torch.int64)
         cos = self.rope_cos[positions].view(1, -1, 1, hd)
         sin = self.rope_sin[positions].view(1, -1, 1, hd)
-        causal = None  # the explicit mask, built only for a model with sliding-window layers shorter than the cache
-        if any((w := layer.self_attn.window) is not None and w < self.max_context for layer in self.model.layers):
-            rows = torch.arange(self.max_context, dtype=torch.int64)[None, :]
-            causal = torch.zeros(t, self.max_context).masked_fill(rows > positions[:, None], float("-inf"))
+        causal = causal_mask(positions, self.max_context) if any(self.windows) else None  # only a windowed model needs it
         x = self.model.embed_tokens(tokens)
         for i, layer in enumerate(self.model.layers):
             att, mlp = layer.self_attn, layer.mlp
@@ -148,11 +147,11 @@ class ExecuTorchDecoder(nn.Module):
             k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
             torch.ops.llama.update_cache(k, k_cache, start)
             torch.ops.llama.update_cache(v, v_cache, start)
-            if att.window is None or att.window >= self.max_context:
+            if self.windows[i] is None:
                 # Causal from `start`: query i sees cache positions 0..start+i, what the canonical mask allows.
                 o = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0, True)
             else:  # a sliding-window layer: the canonical mask as an explicit [T, C] mask (start unused without is_causal)
-                o = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, windowed(causal, positions, att.window), 0, False)
+                o = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, windowed(causal, positions, self.windows[i]), 0, False)
             x = x + att.o_proj(o.view(1, -1, att.num_heads * hd))
             h = _rms_norm(layer.post_attention_layernorm, x)
             x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))

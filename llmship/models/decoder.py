@@ -84,6 +84,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((rotated * cos + rotate_half(rotated) * sin, passed), dim=-1)
 
 
+def causal_mask(positions: torch.Tensor, length: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The additive mask [T, length] of a static cache: a query at position p sees cache rows 0..p."""
+    rows = torch.arange(length, dtype=torch.int64)[None, :]
+    return torch.zeros((positions.shape[0], length), dtype=dtype).masked_fill(rows > positions[:, None], float("-inf"))
+
+
 def windowed(mask: torch.Tensor, positions: torch.Tensor, window: int | None) -> torch.Tensor:
     """The causal mask [T, cache] narrowed to a sliding window: a query at position p also stops seeing cache rows
     at or before p - window (transformers' sliding-window mask). `window` None, or one that spans the whole cache:
@@ -225,8 +231,7 @@ class MobileDecoder(nn.Module):
         t = tokens.shape[1]
         positions = input_pos.reshape(1).to(torch.int64) + torch.arange(t, dtype=torch.int64)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        allowed = torch.arange(self.max_context, dtype=torch.int64)[None, :] <= positions[:, None]
-        mask = torch.zeros(allowed.shape, dtype=cos.dtype).masked_fill(~allowed, float("-inf"))
+        mask = causal_mask(positions, self.max_context, cos.dtype)
         x = self.model.embed_tokens(tokens)
         new_k, new_v = [], []
         for layer, kc, vc in zip(self.model.layers, k_caches, v_caches):

@@ -166,8 +166,8 @@ def spec_from_config(cfg: dict) -> ModelSpec:
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             qk_norm=model_type == "qwen3",
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-            sliding_window=_sliding_window(cfg),
-            sliding_layers=_sliding_layers(cfg),
+            sliding_window=(window := _sliding_window(cfg)),
+            sliding_layers=_sliding_layers(cfg) if window is not None else None,
             rope_layers=_rope_layers(cfg) if model_type == "smollm3" else None,
             rotary_dim=_rotary_dim(cfg, hidden // heads) if model_type == "phi3" else None,
             bos_token_id=None if cfg.get("bos_token_id") is None else _as_ids(cfg["bos_token_id"])[0],
@@ -239,8 +239,6 @@ def _sliding_layers(cfg: dict) -> tuple[bool, ...] | None:
     """Which layers use the window: `layer_types` where the config lists them (transformers 5 writes it), else
     transformers' rule for the family: Qwen2 from max_window_layers (default 28) on, SmolLM3 its NoPE layers, every
     layer for Mistral and Phi-3."""
-    if _sliding_window(cfg) is None:
-        return None
     n = _integer(cfg, "num_hidden_layers")
     types = cfg.get("layer_types")
     if types is not None:

@@ -54,14 +54,16 @@ def fused_parts(spec: ModelSpec, module: str) -> dict[str, int] | None:
 
 def split_fused(spec: ModelSpec, weights: dict[str, torch.Tensor], source: str) -> None:
     """Replace each fused projection by the canonical ones (row slices of it, so each is stored once)."""
-    for name in [n for n in weights if n.endswith((".qkv_proj.weight", ".gate_up_proj.weight"))]:
-        parts = fused_parts(spec, name.removesuffix(".weight"))
+    for name in list(weights):
+        parts = fused_parts(spec, name.removesuffix(".weight")) if name.endswith(".weight") else None
+        if parts is None:
+            continue
         fused = weights[name]
-        if parts is None or fused.dim() != 2 or fused.shape[0] != sum(parts.values()):
-            raise ModelError(f"{source}: {name} is {tuple(fused.shape)}, not the {sum((parts or {}).values())} rows "
+        if fused.dim() != 2 or fused.shape[0] != sum(parts.values()):
+            raise ModelError(f"{source}: {name} is {tuple(fused.shape)}, not the {sum(parts.values())} rows "
                              "config.json gives its parts")
-        for (part, part_weight) in zip(parts, fused.split(list(parts.values()))):
-            weights[f"{part}.weight"] = part_weight.contiguous()
+        for part, part_weight in zip(parts, fused.split(list(parts.values()))):
+            weights[f"{part}.weight"] = part_weight  # a view: the fused tensor's rows, not a copy
         del weights[name]
 
 

@@ -87,3 +87,26 @@ def test_phi_validates_a_4bit_target_on_every_runtime(name, family, tmp_path):
     # the recipe really quantized: the artifact is off the FP32 reference by far more than the conversion is
     assert report["parity"]["kl_mean"] > 10 * report["conversion"]["kl_mean"] > 0, (report["parity"], report["conversion"])
     assert report["compression"] and report["latency"] and report["memory"]
+
+
+# a fault in ExecuTorch's own attention (the one exporter that re-implements it) per family feature: what to replace
+FAULTS = {
+    "rotates-the-whole-head": ("_rotate_half_matrix", lambda real: lambda head_dim, rope_dim: real(head_dim, head_dim)),
+    "ignores-the-window": ("windowed", lambda real: lambda mask, positions, window: mask),
+}
+
+
+@pytest.mark.executorch
+@pytest.mark.parametrize("family,fault", [("phi4mini-partial-longrope", "rotates-the-whole-head"),
+                                          ("mistral", "ignores-the-window")], indirect=["family"])
+def test_executorch_attention_missing_the_familys_feature_fails_the_gates(family, fault, tmp_path, monkeypatch):
+    from llmship.exporters import executorch as et
+
+    attr, planted = FAULTS[fault]
+    monkeypatch.setattr(et, attr, planted(getattr(et, attr)))
+    config = BuildConfig.model_validate({"model": family.source, "evaluation": {"tokens": 128, "latency_runs": 2}})
+    target = TargetProfile.model_validate({**get_profile("executorch-fp32").model_dump(), "max_context": 128,
+                                           "prefill_lengths": (16,)})
+    report = validate_artifact(export_artifact(family, target, tmp_path / "faulty", config=config), config, loaded=family)
+    failed = {g["name"] for g in report["gates"] if not g["passed"]}
+    assert not report["passed"] and {"kl_mean_max", "top1_agreement_min"} <= failed, report["gates"]
