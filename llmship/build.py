@@ -34,6 +34,7 @@ def inputs_sha256(config, target, source_digest: str) -> str:
         "source": config.model,
         "source_files": source_digest,
         "adapters": adapter_digests(config.adapters),
+        "compression": config.compression.model_dump(mode="json"),
         "target": target.model_dump(mode="json"),
         "evaluation": config.evaluation.model_dump(mode="json"),
         # the compression record's inputs (its digest is a function of these and the source): calibration

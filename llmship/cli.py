@@ -114,6 +114,13 @@ def cmd_inspect(args) -> int:
               + (f"; ships as {file} ({m['files'].get(file, {}).get('bytes', 0):,} bytes, {adapters.get('dtype')})" if file else ""))
     if adapters.get("select"):
         print(f"            select one: {adapters['select']}")
+    structure = m.get("structure") if isinstance(m.get("structure"), dict) else {}
+    if structure:
+        heal = structure.get("heal") or {}
+        print(f"structure   pruned: layers {structure.get('layers')} kept, FFN {structure.get('ffn_width_before')} -> "
+              f"{structure.get('ffn_width')}, {structure.get('params_before', 0):,} -> {structure.get('params', 0):,} params; "
+              + (f"healed {len(heal.get('loss', []))} steps (loss {heal['loss'][0]:.4f} -> {heal['loss'][-1]:.4f})"
+                 if heal.get("loss") else "not healed") + f", student {str(structure.get('digest'))[:16]}")
     print(f"recipe      {m['recipe']}")
     print(f"context     max_context {m['max_context']}, prefill lengths {m['prefill_lengths']}")
     kv = m["kv_cache"]

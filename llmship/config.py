@@ -220,9 +220,54 @@ class Adapters(Strict):
         return self
 
 
+class Prune(Strict):
+    """Structured pruning by measured importance on the calibration tokens (llmship/compress/structure.py)."""
+
+    ffn: float = Field(default=0.0, ge=0, lt=1)  # fraction of every layer's FFN channels removed
+    heads: float = Field(default=0.0, ge=0, lt=1)  # attention heads: not built yet (exit 2 when set)
+    layers: int = Field(default=0, ge=0)  # whole decoder layers removed (the least change to the residual stream)
+
+
+class Share(Strict):
+    pairs: int = Field(default=0, ge=0)  # MobileLLM layer sharing: not built yet (exit 2 when set)
+
+
+class Heal(Strict):
+    """Distillation of the pruned student against the FP32 model on the calibration tokens (fixed seed, CPU)."""
+
+    steps: int = Field(default=0, ge=0, le=100_000)
+    lr: float = Field(default=2e-4, gt=0, le=1)  # AdamW peak learning rate (cosine decay, 10% warm-up)
+    batch: int = Field(default=4, gt=0, le=256)  # calibration sequences per step
+    ce_weight: float = Field(default=0.1, ge=0, le=1)  # the rest of the loss is KL(teacher || student)
+
+
+class Compression(Strict):
+    """Structural compression before quantization: prune, heal, then each target's recipe quantizes the student.
+    The FP32 reference stays the original model; the healed student is the compressed reference's starting point."""
+
+    prune: Prune = Prune()
+    share: Share = Share()
+    heal: Heal = Heal()
+
+    @property
+    def active(self) -> bool:
+        return self.prune.ffn > 0 or self.prune.heads > 0 or self.prune.layers > 0 or self.share.pairs > 0
+
+    @model_validator(mode="after")
+    def _built(self):
+        if self.prune.heads > 0:
+            raise ValueError("compression.prune.heads: head pruning is not built yet; prune ffn or layers")
+        if self.share.pairs > 0:
+            raise ValueError("compression.share.pairs: layer sharing is not built yet; prune ffn or layers")
+        if self.heal.steps and not self.active:
+            raise ValueError("compression.heal.steps is set but nothing is pruned (compression.prune)")
+        return self
+
+
 class BuildConfig(Strict):
     model: str = "builtin:smollm2-135m"
     adapters: Adapters = Adapters()
+    compression: Compression = Compression()
     targets: tuple[str, ...] = ()
     out: str = "dist"
     evaluation: Evaluation = Evaluation()

@@ -45,6 +45,7 @@ def manifest_body(loaded, target, result) -> dict:
             "vocab_size": spec.vocab_size,
             "num_layers": spec.num_layers,
             "hidden_size": spec.hidden_size,
+            "intermediate_size": spec.intermediate_size,
             "num_heads": spec.num_heads,
             "num_kv_heads": spec.num_kv_heads,
             "head_dim": spec.head_dim,
@@ -166,6 +167,9 @@ def export_artifact(loaded, target, out_dir: str | Path, debug: bool = False, in
     hush = contextlib.nullcontext if debug else quiet
     with hush():
         module = exporter(target.format)
+    from llmship.compress.structure import restructured
+
+    loaded = restructured(loaded, config.compression, config.calibration, config.evaluation)  # the student, if pruned
     check_target(target, loaded.spec)
     with hush():
         record, allocation, compressed = compression_record(loaded, target, module, config)
@@ -195,6 +199,8 @@ def export_artifact(loaded, target, out_dir: str | Path, debug: bool = False, in
         try:
             body = manifest_body(loaded, target, result)
             body["compression"] = compression_manifest(record, config, allocation)
+            if loaded.structure:
+                body["structure"] = loaded.structure
             if inputs_sha256:
                 body["inputs_sha256"] = inputs_sha256  # what a rebuild compares to decide it has nothing to do
             write_manifest(tmp, body)

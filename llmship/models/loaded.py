@@ -27,6 +27,9 @@ class LoadedModel:
     # `weights`; {"mode": "separate", "list": [entry, ...]} when shipped beside the base, which is then `lora`.
     adapters: dict | None = None
     lora: tuple = ()  # separate mode: the adapters.Adapter objects (the weights stay the base's)
+    # A pruned (and healed) student of the source (compress/structure.py): what was kept and its weights' digest, as
+    # the manifest records it. The spec and weights are then the student's; the source's FP32 model is the reference.
+    structure: dict | None = None
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,16 @@ from llmship.errors import ModelError
 from llmship.models.spec import ModelSpec
 
 
+def weights_digest(weights: dict) -> str:
+    """sha256 over every tensor's name and fp32 bytes: what keys a model's cached references and a pruned student."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        h.update(name.encode() + weights[name].float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def expected_weight_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     d, f, hd, v = spec.hidden_size, spec.intermediate_size, spec.head_dim, spec.vocab_size
     q, kv = spec.num_heads * hd, spec.num_kv_heads * hd

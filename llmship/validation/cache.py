@@ -19,13 +19,6 @@ def code_digest() -> str:
     return h.hexdigest()
 
 
-def weights_digest(weights: dict) -> str:
-    h = hashlib.sha256()
-    for name in sorted(weights):
-        h.update(name.encode() + weights[name].float().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def plan_digest(plan) -> str:
     return hashlib.sha256(json.dumps({"windows": [[list(w.tokens), w.prefill_tokens] for w in plan.windows], "chunk": plan.chunk,
                                       "prompts": [list(p) for p in plan.prompts], "greedy": plan.greedy_tokens}).encode()).hexdigest()

@@ -60,8 +60,9 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
                       baseline: str | Path | None = None, loaded=None) -> dict:
     """Run the artifact on its runtime against the FP32 and the compressed reference; write report.json; return it."""
     from llmship import adapters
+    from llmship.compress import structure
     from llmship.models import build_decoder, load_model
-    from llmship.validation import cache
+    from llmship.models.weights import weights_digest
     from llmship.targets import target_from_manifest
     from llmship.validation import evaluate as ev
     from llmship.validation.gates import check_gates, failure_message
@@ -75,18 +76,19 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
     if loaded is None or (model is not None and model != loaded.source):
         loaded = load_model(model or manifest["source"])
     loaded = adapters.from_manifest(loaded, manifest)  # the reference is the base with the artifact's adapter merged
-    if loaded.spec.vocab_size != manifest["model"]["vocab_size"] or loaded.spec.num_layers != manifest["model"]["num_layers"]:
+    student = structure.from_manifest(loaded, manifest)  # a pruned artifact: the student its record starts from
+    if student.spec.vocab_size != manifest["model"]["vocab_size"] or student.spec.num_layers != manifest["model"]["num_layers"]:
         raise ConfigError(f"reference model {loaded.source} does not match the artifact {artifact_dir} (vocab or layers differ)")
     integrity = check_integrity(artifact_dir, manifest)
-    record = compressed_record(loaded, manifest, config, eval_text)
+    record = compressed_record(student, manifest, config, eval_text)
     runner = open_runner(artifact_dir, manifest, target.threads)  # a missing runtime stops here, before any evaluation
     try:
         say(f"{target.name}: reference {loaded.source}")
-        weights = cache.weights_digest(loaded.weights)  # once: it keys the sampled windows and the FP32 reference
+        weights = weights_digest(loaded.weights)  # once: it keys the sampled windows and the FP32 reference
         plan = ev.make_plan(lambda: build_decoder(loaded, target.max_context), loaded.tokenizer, loaded.spec, target,
                             config.evaluation, eval_text, weights)
         record_digest = record.digest() if record is not None else None  # once: it keys two references, and the report
-        references = reference_results(loaded, record, target, plan, weights, record_digest)
+        references = reference_results(loaded, record, target, plan, weights, record_digest, student=student)
         say(f"{target.name}: evaluating {len(plan.tokens)} tokens in {len(plan.windows)} windows on {runner.executor}")
         logits = ev.teacher_forced(runner, plan, target.name)
         our_greedy = [ev.greedy(runner, p, plan.greedy_tokens, plan.chunk) for p in plan.prompts]
@@ -97,7 +99,9 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
     margin = target.gates.top1_tie_margin
     parity, series = compare(logits, our_greedy, references["fp32"], references["fp32_greedy"], plan, margin)
     conversion, conversion_series = compare(logits, our_greedy, references["compressed"], references["compressed_greedy"], plan, margin)
-    conversion["reference"] = "compressed (record digest %s)" % record_digest[:12] if record is not None else "fp32 (no quantized weights)"
+    conversion["reference"] = ("compressed (record digest %s)" % record_digest[:12] if record is not None
+                               else "pruned student (digest %s)" % student.structure["digest"][:12] if student.structure
+                               else "fp32 (no quantized weights)")
     add_floor(conversion, references)
     series["conversion_kl"] = conversion_series["kl"]
     say(f"{target.name}: latency and memory (separate process, {target.threads} threads)")
@@ -124,6 +128,7 @@ def validate_artifact(artifact_dir: Path, config, model: str | None = None, eval
         "parity": parity,
         "parity_by_domain": by_domain(logits, references["fp32"], plan, margin),
         "conversion": conversion,
+        "structure": structure_summary(student.structure),
         "compression": None if record is None else {
             "algorithm": record.algorithm, "digest": record_digest, "matrices": len(record.tensors),
             "stored_bytes": sum(t.stored_bytes() for t in record.tensors.values()), "notes": record.notes,
@@ -190,11 +195,14 @@ def judge_adapter(runner, adapter, artifact_dir: Path, manifest: dict, integrity
     return result
 
 
-def reference_results(loaded, record, target, plan, weights_digest: str, record_digest: str | None, adapter=None) -> dict:
+def reference_results(loaded, record, target, plan, weights_digest: str, record_digest: str | None, adapter=None,
+                      student=None) -> dict:
     """The FP32 reference's logits and greedy tokens on the plan, the compressed reference's, and the noise floor:
     each computed once per (model weights, plan) or (record, plan) and cached on disk (the digests are the keys).
     With a separate `adapter`: the FP32 reference is the base with it merged, the compressed one runs its stored
-    tensors beside the (compressed) base's linears (adapters/branch.py), and its digest joins the keys."""
+    tensors beside the (compressed) base's linears (adapters/branch.py), and its digest joins the keys.
+    With a pruned `student` (compress/structure.py): the FP32 reference stays `loaded`, the original; the compressed
+    one is the student (with the record's weights when it has one)."""
     from llmship.adapters import merged
     from llmship.adapters.branch import with_branches
     from llmship.models import build_decoder
@@ -212,15 +220,18 @@ def reference_results(loaded, record, target, plan, weights_digest: str, record_
     fp32 = cache.cached("fp32", (weights_digest, *also, planned, c),
                         lambda: run(build_decoder(loaded if adapter is None else merged(loaded, adapter), c), "reference"))
     out = {"fp32": fp32["logits"], "fp32_greedy": fp32["greedy"], "compressed": fp32["logits"], "compressed_greedy": fp32["greedy"]}
-    if record is None and adapter is None:
+    pruned = student is not None and student.structure is not None
+    if record is None and adapter is None and not pruned:
         return out
     from llmship.compress.reference import compressed_reference, has_dynamic_activations
 
+    base = student if pruned else loaded
+
     def compressed_decoder(noise_seed=None):
-        decoder = build_decoder(loaded, c) if record is None else compressed_reference(loaded, record, c, noise_seed=noise_seed)
+        decoder = build_decoder(base, c) if record is None else compressed_reference(base, record, c, noise_seed=noise_seed)
         return decoder if adapter is None else with_branches(decoder, adapter, loaded.adapters["dtype"])
 
-    base_key = record_digest if record is not None else weights_digest
+    base_key = record_digest if record is not None else student.structure["digest"] if pruned else weights_digest
     comp = cache.cached("compressed", (base_key, *also, planned, c), lambda: run(compressed_decoder(), "compressed reference"))
     out.update(compressed=comp["logits"], compressed_greedy=comp["greedy"])
     # The floor is what the conversion gate of a dynamic-activation recipe is a ratio to; a weight-only variant of
@@ -232,6 +243,17 @@ def reference_results(loaded, record, target, plan, weights_digest: str, record_
             return {"floor": np.asarray(metrics["kl_mean"])}
         out["floor"] = cache.cached("floor", (record_digest, *also, planned, c), floor)["floor"]
     return out
+
+
+def structure_summary(structure: dict | None) -> dict | None:
+    """What pruning kept and how healing went, for the report (the manifest has the rest)."""
+    if not structure:
+        return None
+    heal = structure.get("heal")
+    return {"digest": structure["digest"], "compression": structure["compression"], "layers": structure["layers"],
+            "ffn_width": structure["ffn_width"], "ffn_width_before": structure["ffn_width_before"],
+            "params": structure["params"], "params_before": structure["params_before"],
+            "heal": None if heal is None else {"steps": len(heal["loss"]), "loss": heal["loss"], "seconds": heal["seconds"]}}
 
 
 def allocation_summary(manifest: dict) -> dict:
