@@ -224,18 +224,22 @@ class Prune(Strict):
     """Structured pruning by measured importance on the calibration tokens (llmship/compress/structure.py)."""
 
     ffn: float = Field(default=0.0, ge=0, lt=1)  # fraction of every layer's FFN channels removed
-    heads: float = Field(default=0.0, ge=0, lt=1)  # attention heads: not built yet (exit 2 when set)
+    heads: float = Field(default=0.0, ge=0, lt=1)  # fraction of each KV group's query heads removed (at least one stays)
     layers: int = Field(default=0, ge=0)  # whole decoder layers removed (the least change to the residual stream)
 
 
 class Share(Strict):
-    pairs: int = Field(default=0, ge=0)  # MobileLLM layer sharing: not built yet (exit 2 when set)
+    """MobileLLM's block sharing: `pairs` adjacent pairs of layers (the cheapest by measured KL) run one block."""
+
+    pairs: int = Field(default=0, ge=0)
 
 
 class Heal(Strict):
     """Distillation of the pruned student against the FP32 model on the calibration tokens (fixed seed, CPU)."""
 
     steps: int = Field(default=0, ge=0, le=100_000)
+    # calibration tokens importance and healing learn from (sampled like calibration.tokens, or that text's last ones)
+    tokens: int = Field(default=8192, gt=0, le=1_000_000)
     lr: float = Field(default=2e-4, gt=0, le=1)  # AdamW peak learning rate (cosine decay, 10% warm-up)
     batch: int = Field(default=4, gt=0, le=256)  # calibration sequences per step
     ce_weight: float = Field(default=0.1, ge=0, le=1)  # the rest of the loss is KL(teacher || student)
@@ -254,13 +258,9 @@ class Compression(Strict):
         return self.prune.ffn > 0 or self.prune.heads > 0 or self.prune.layers > 0 or self.share.pairs > 0
 
     @model_validator(mode="after")
-    def _built(self):
-        if self.prune.heads > 0:
-            raise ValueError("compression.prune.heads: head pruning is not built yet; prune ffn or layers")
-        if self.share.pairs > 0:
-            raise ValueError("compression.share.pairs: layer sharing is not built yet; prune ffn or layers")
+    def _healing_something(self):
         if self.heal.steps and not self.active:
-            raise ValueError("compression.heal.steps is set but nothing is pruned (compression.prune)")
+            raise ValueError("compression.heal.steps is set but nothing is pruned or shared (compression.prune, compression.share)")
         return self
 
 

@@ -50,6 +50,7 @@ def manifest_body(loaded, target, result) -> dict:
             "num_kv_heads": spec.num_kv_heads,
             "head_dim": spec.head_dim,
             "rotary_dim": spec.rope_dim,
+            "shared_layers": list(spec.shared_layers) if spec.shared_layers else None,  # the layer whose block each runs
             "tie_word_embeddings": spec.tie_word_embeddings,
             "bos_token_id": spec.bos_token_id,
             "eos_token_ids": list(spec.eos_token_ids),

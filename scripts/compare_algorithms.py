@@ -4,6 +4,7 @@ each evaluation text, print one Markdown table (and write it as JSON).
 
     python scripts/compare_algorithms.py --model builtin:smollm2-135m --target executorch-8da4w --target onnx-int4 \\
         --algorithm rtn --algorithm gptq --text ../shared/data/tinyshakespeare.txt --out /tmp/cmp
+    (--structure 'compression.prune.ffn=0.25 compression.heal.steps=200' --mixed: prune + heal + quantize beside them)
 
 Each artifact is exported once per (target, algorithm) and validated through the CLI, so every number is what
 `llmship validate` reports for the shipped file: parity against the FP32 reference, and conversion against the
@@ -48,6 +49,9 @@ def main() -> int:
     p.add_argument("--mixed", action="store_true", help="also the budgeted mix at the bytes of the target's uniform recipe "
                                                           "(as the allocation counts them); algorithm: the first --algorithm")
     p.add_argument("--only-mixed", action="store_true", help="with --mixed: skip the uniform exports (measured before)")
+    p.add_argument("--structure", default=None, help="config fields of a structural compression, space-separated, e.g. "
+                   "'compression.prune.ffn=0.25 compression.heal.steps=200': adds the first algorithm's recipe on the pruned "
+                   "model and, with --mixed, its budgeted mix at the unpruned uniform recipe's bytes (prune + heal + quantize)")
     args = p.parse_args()
     out = Path(args.out)
     rows = []
@@ -57,6 +61,12 @@ def main() -> int:
         if args.mixed:
             variants.append((f"mixed-{algorithms[0]}", [f"overrides.{target}.recipe.algorithm={algorithms[0]}",
                                                         f"overrides.{target}.recipe.budget={{bytes: {uniform_bytes(args.model, target)}}}"]))
+        if args.structure:
+            pruned = [f"overrides.{target}.recipe.algorithm={algorithms[0]}", *args.structure.split()]
+            variants.append((f"pruned-{algorithms[0]}", pruned))
+            if args.mixed:
+                variants.append((f"pruned-mixed-{algorithms[0]}",
+                                 [*pruned, f"overrides.{target}.recipe.budget={{bytes: {uniform_bytes(args.model, target)}}}"]))
         for algorithm, sets in variants:
             art = out / f"{target}-{algorithm}"
             export_s = run(["export", "--model", args.model, "--target", target, "--out", str(art),

@@ -157,8 +157,9 @@ def run_bench(source: str, out: Path, quick: bool = False, anchors: list[str] | 
             rows.append(row(runtime="?", tool=name, recipe="-", model=ctx.model, error=f"{type(exc).__name__}: {str(exc)[:300]}"))
     add_roofline(rows, machine)
     from llmship.bench.compression import rows as compression_rows
+    from llmship.bench.pruning import rows as pruning_rows
 
     results = {"machine": machine, "model": ctx.model, "source": source, "params": ctx.params, "quick": quick, "rows": rows,
-               "compression": compression_rows(ctx)}
+               "compression": compression_rows(ctx), "pruning": pruning_rows(ctx)}
     write_outputs(results, out)
     return results

@@ -61,6 +61,17 @@ def markdown(results: dict) -> str:
         for c in results["compression"]:
             detail = c.get("error") or ", ".join(f"{k} {v}" for k, v in c.items() if k not in ("step", "target", "model", "wall_s", "peak_rss_mb", "error", "seconds"))
             lines.append(f"| {c['step']} | {c['target']} | {_f(c.get('wall_s'), '{:.1f}')} | {_f(c.get('peak_rss_mb'), '{:.0f}')} | {detail} |")
+    if results.get("pruning"):
+        lines += ["", "## Pruning and healing (FFN channels removed; KL / ppl ratio against the FP32 original on real text)", "",
+                  "| model | FFN pruned | heal steps | params | KL / top-1 / ppl ratio per text | heal s (s/step) | wall s | peak RSS MB | error |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in results["pruning"]:
+            texts = "; ".join(f"{name.removesuffix('.txt')} {_f(m['kl_mean'], '{:.3f}')} / {_f(m['top1_agreement'], '{:.3f}')} / "
+                              f"{_f(m['ppl_ratio'], '{:.3f}')}" for name, m in (r.get("texts") or {}).items())
+            lines.append(f"| {r['model']} | {_f(r.get('ffn'), '{:.2f}')} | {_f(r.get('steps'), '{}')} | "
+                         f"{_f(r.get('params_before'), '{:,}')} -> {_f(r.get('params'), '{:,}')} | {texts} | "
+                         f"{_f(r.get('heal_s'), '{:.1f}')} ({_f(r.get('seconds_per_step'), '{:.2f}')}) | {_f(r.get('wall_s'), '{:.1f}')} | "
+                         f"{_f(r.get('peak_rss_mb'), '{:.0f}')} | {(r.get('error') or '').replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
 

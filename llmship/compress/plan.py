@@ -36,11 +36,19 @@ def matrix_shapes(spec) -> dict[str, tuple[int, int]]:
     per_layer = {"self_attn.q_proj": (q, d), "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d),
                  "self_attn.o_proj": (d, q), "mlp.gate_proj": (f, d), "mlp.up_proj": (f, d), "mlp.down_proj": (d, f)}
     shapes = {EMBEDDING: (spec.vocab_size, d)}
-    for i in range(spec.num_layers):
+    for i in spec.weight_layers:  # a shared block's matrices once, under its first layer
         shapes.update({f"model.layers.{i}.{p}": s for p, s in per_layer.items()})
     if not spec.tie_word_embeddings:
         shapes[HEAD] = (spec.vocab_size, d)
     return shapes
+
+
+def module_uses(spec, name: str) -> list[str]:
+    """The module paths that run matrix `name`: itself, and the same projection at each depth that shares its block."""
+    if not name.startswith("model.layers.") or spec.shared_layers is None:
+        return [name]
+    index, rest = name[len("model.layers."):].split(".", 1)
+    return [f"model.layers.{j}.{rest}" for j in range(spec.num_layers) if spec.owner_of(j) == int(index)]
 
 
 def role(name: str) -> str:

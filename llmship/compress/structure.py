@@ -1,9 +1,9 @@
 """Structural compression: the transform between the loaded model and the quantization recipe.
 
-    FP32 model -> importance on calibration tokens -> prune (prune.py) -> heal by distillation (heal.py) -> student
+    FP32 model -> importance on calibration tokens -> prune (prune.py) -> share blocks (share.py) -> heal (heal.py) -> student
 
-The student is an ordinary model of the same family (fewer layers, narrower FFN); every target quantizes and
-exports it as it would any model. The FP32 reference stays the original (what the user started from); the student
+The student is a model of the same family (fewer layers, narrower FFN, fewer heads; adjacent layers that run one
+block); every target quantizes and exports it as it would any model. The FP32 reference stays the original (what the user started from); the student
 is what the compressed reference starts from, so the conversion check still measures the converter alone.
 Students are cached on disk like compression records (a key over the original's weights, the settings, the
 calibration and this package's code); the manifest's `structure` holds the settings and the student's digest, so
@@ -50,13 +50,26 @@ def _build(loaded, compression, calibration, evaluation, settings: dict):
 
     from llmship.config import Evaluation
 
-    # calibration sequences as the compression stage samples them (from the FP32 model, disjoint from evaluation)
-    sequences = calibration_sequences(loaded, calibration, Evaluation(seed=evaluation.seed))
+    # calibration sequences as the compression stage samples them (from the FP32 model, disjoint from evaluation),
+    # as many as healing asks for
+    tokens = max(calibration.tokens, compression.heal.tokens)
+    sequences = calibration_sequences(loaded, calibration.model_copy(update={"tokens": tokens}), Evaluation(seed=evaluation.seed))
     teacher = build_decoder(loaded, len(sequences[0]))
     with stage("structure: measuring importance"):
-        ffn_scores, influence = importance(teacher, sequences)
-    student, kept = pruned(loaded, ffn_scores, influence, compression.prune.ffn, compression.prune.layers)
-    say(f"structure: kept layers {kept['layers']}, FFN {kept['ffn_width_before']} -> {kept['ffn_width']} channels, "
+        scores = importance(teacher, sequences)
+    prune = compression.prune
+    student, kept = pruned(loaded, scores, prune.ffn, prune.heads, prune.layers)
+    if compression.share.pairs:
+        from llmship.compress import share
+
+        with stage("structure: measuring which layers can share a block"):
+            costs = share.pair_costs(student, sequences)
+        firsts = share.choose(costs, compression.share.pairs, loaded.source)
+        student = share.with_shared(student, firsts)
+        kept.update(shared=[[i, i + 1] for i in firsts], share_costs={str(i): round(c, 6) for i, c in costs.items()},
+                    params=student.spec.num_params)
+    say(f"structure: kept layers {kept['layers']}, FFN {kept['ffn_width_before']} -> {kept['ffn_width']} channels, heads "
+        f"{kept['num_heads_before']} -> {kept['num_heads']}, shared blocks {kept.get('shared', [])}, "
         f"{kept['params_before']:,} -> {kept['params']:,} parameters")
     healing = None
     if compression.heal.steps:
@@ -66,7 +79,7 @@ def _build(loaded, compression, calibration, evaluation, settings: dict):
         student = dataclasses.replace(student, weights={n: state[n].detach().clone() for n in student.weights})
         say(f"structure: healed {compression.heal.steps} steps in {healing['seconds']:.1f} s, "
             f"loss {healing['loss'][0]:.4f} -> {healing['loss'][-1]:.4f}")
-    info = {**settings, **kept, "importance": {"layer_influence": [round(float(v), 6) for v in influence]},
+    info = {**settings, **kept, "importance": {"layer_influence": [round(float(v), 6) for v in scores.layers]},
             "heal": healing, "digest": weights_digest(student.weights)}
     return dataclasses.replace(student, structure=info)
 

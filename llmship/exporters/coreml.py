@@ -61,12 +61,12 @@ def check(target, spec=None) -> None:
         raise ConfigError(f"{name}: recipe.symmetric has no meaning for {recipe.weights} weights")
 
 
-def palettize(mlmodel, record, tied: bool):
+def palettize(mlmodel, record, spec, tied: bool):
     """The record's palettes through coremltools' palettizer, with tables it only reads back (coreml_weights.table_lut);
     every other const is left as it is."""
     import coremltools.optimize.coreml as cto
 
-    palettes = {n.replace(".", "_"): t for n, t in (record.tensors.items() if record else ()) if t.grid.palette}
+    palettes = cw.record_consts(record, spec, palette=True)
     if not palettes:
         return mlmodel
     func = mlmodel._mil_program.functions["main"]
@@ -76,21 +76,23 @@ def palettize(mlmodel, record, tied: bool):
         if t is not None:
             configs[op.name] = cto.OpPalettizerConfig(mode="custom", lut_function=cw.table_lut, granularity="per_grouped_channel",
                                                       group_size=t.grid.group_size)
-    missing = set(palettes) - {cw.const_module(n, tied) for n in configs}
+    found = {cw.const_module(n, tied) for n in configs}
+    missing = sorted({t.name for t in palettes.values()} - {palettes[n].name for n in found})
     if missing:
-        raise RuntimeError(f"the converted program has no weight const for {sorted(missing)[:3]}")
+        raise RuntimeError(f"the converted program has no weight const for {missing[:3]}")
     return cto.palettize_weights(mlmodel, cto.OptimizationConfig(global_config=None, op_name_configs=configs))
 
 
-def covered(mlmodel, record, tied: bool) -> None:
+def covered(mlmodel, record, spec, tied: bool) -> None:
     """Every affine record tensor became a constexpr_blockwise_shift_scale: none was left in float by mistake."""
-    if record is None:
+    consts = cw.record_consts(record, spec)
+    if not consts:
         return
     func = mlmodel._mil_program.functions["main"]
     done = {cw.const_module(op.name.rsplit("_q", 1)[0], tied) for op in func.find_ops(op_type="constexpr_blockwise_shift_scale")}
-    wanted = {n.replace(".", "_") for n, t in record.tensors.items() if not t.grid.palette}
-    if wanted - done:
-        raise RuntimeError(f"record tensors not written into the program: {sorted(wanted - done)[:3]}")
+    missing = sorted({t.name for t in consts.values()} - {consts[n].name for n in done if n in consts})
+    if missing:
+        raise RuntimeError(f"record tensors not written into the program: {missing[:3]}")
 
 
 def fp16_consts(mlmodel, recipe, spec) -> tuple[str, ...]:
@@ -148,7 +150,7 @@ def runs_in_fp16(op) -> bool:
     return not (op.op_type in ("add", "mul") and producers & {"reduce_mean", "rsqrt"})
 
 
-def convert_function(program, length, max_prefill: int, recipe, record=None, tied: bool = False):
+def convert_function(program, length, max_prefill: int, recipe, record=None, spec=None, tied: bool = False):
     """One entry point as a single-function ML program: tokens [1, length], input_pos [1] -> logits."""
     import coremltools as ct
     import numpy as np
@@ -156,10 +158,11 @@ def convert_function(program, length, max_prefill: int, recipe, record=None, tie
     precision = recipe.compute
     tokens_shape = (1, ct.RangeDim(1, max_prefill, default=1, symbol="T")) if length is None else (1, length)
     pipeline = ct.PassPipeline.DEFAULT
-    if record is not None and any(not t.grid.palette for t in record.tensors.values()):
+    consts = cw.record_consts(record, spec)
+    if consts:
         name = cw.register_record_pass()  # last in the pipeline: after fp16 casting and const folding
         pipeline.append_pass(name)
-        pipeline.set_options(name, {"record": record, "tied": tied})
+        pipeline.set_options(name, {"consts": consts, "tied": tied})
     return ct.convert(
         program.run_decompositions({}),
         inputs=[ct.TensorType(name="tokens", shape=tokens_shape, dtype=np.int32),
@@ -186,9 +189,10 @@ def export(job: ExportJob) -> ExportResult:
         descriptor, tied = ct.utils.MultiFunctionDescriptor(), job.loaded.spec.tie_word_embeddings
         for name in FUNCTIONS:
             length = None if name == "prefill" and max_prefill > 1 else 1
-            mlmodel = convert_function(programs[name], length, max_prefill, recipe, job.record, tied)
-            covered(mlmodel, job.record, tied)
-            mlmodel = palettize(mlmodel, job.record, tied)
+            spec = job.loaded.spec
+            mlmodel = convert_function(programs[name], length, max_prefill, recipe, job.record, spec, tied)
+            covered(mlmodel, job.record, spec, tied)
+            mlmodel = palettize(mlmodel, job.record, spec, tied)
             path = Path(tmp) / f"{name}.mlpackage"
             mlmodel.save(str(path))
             descriptor.add_function(str(path), src_function_name="main", target_function_name=name)

@@ -71,6 +71,17 @@ def const_module(op_name: str, tied: bool) -> str | None:
     return EMBEDDING.replace(".", "_") if tied and module == HEAD else module
 
 
+def record_consts(record, spec, palette: bool = False) -> dict:
+    """Const module name (dots as underscores) -> record tensor (affine ones, or palettes), under every path that
+    runs it: a shared block's const carries whichever of its layers' names torch.export kept."""
+    from llmship.compress.plan import module_uses
+
+    if record is None:
+        return {}
+    return {use.replace(".", "_"): t for name, t in record.tensors.items() if t.grid.palette == palette
+            for use in module_uses(spec, name)}
+
+
 def register_record_pass() -> str:
     """Register (once) the graph pass that replaces each recorded weight const by its blocks; returns its name."""
     from coremltools.converters.mil import Builder as mb
@@ -85,10 +96,10 @@ def register_record_pass() -> str:
     @register_pass(namespace="llmship")
     class record_weights(AbstractGraphPass):  # noqa: N801 (coremltools names passes in snake case)
         def __init__(self):
-            self.record, self.tied, self.used = None, False, set()
+            self.consts, self.tied, self.used = {}, False, set()
 
         def apply(self, prog):
-            by_const = {n.replace(".", "_"): t for n, t in self.record.tensors.items() if not t.grid.palette}
+            by_const = self.consts
             for func in prog.functions.values():
                 with func:
                     for op in list(func.find_ops(op_type="const")):

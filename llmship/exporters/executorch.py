@@ -97,6 +97,10 @@ def _replaced(root: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
         by_child.setdefault(child, {})[rest] = module
     for child, below in by_child.items():
         new._modules[child] = _replaced(root._modules[child], below)
+    for child, module in root._modules.items():  # a shared block at a second depth: the same replaced module
+        owner = next((c for c in by_child if root._modules[c] is module), None)
+        if owner is not None:
+            new._modules[child] = new._modules[owner]
     return new
 
 
@@ -366,7 +370,7 @@ def expected_weight_bytes(spec, record, max_context: int) -> int:
     biases = (q + 2 * kv if spec.qkv_bias else 0) + (d if spec.o_bias else 0) + ((2 * f + d) if spec.mlp_bias else 0)
     norms = 2 * d + (2 * hd if spec.qk_norm else 0)
     rest = _embedding_bytes(spec.vocab_size, d, tensors.get(EMBEDDING)) + 4 * d + 4 * (2 * max_context * hd + hd * hd)
-    return linears + spec.num_layers * 4 * (biases + norms) + rest
+    return linears + len(spec.weight_layers) * 4 * (biases + norms) + rest
 
 
 def size_tolerance(spec, expected: int) -> int:

@@ -255,16 +255,20 @@ def check(target, spec=None) -> None:
         module_rules(r, spec)  # every rule must match a module of this model
 
 
-def apply_record(model, record, target, tied: bool) -> None:
-    """The record's weights into the graph, as MatMulNBits / MatMulInteger / GatherBlockQuantized (onnx_weights)."""
+def apply_record(model, record, target, spec, tied: bool) -> None:
+    """The record's weights into the graph, as MatMulNBits / MatMulInteger / GatherBlockQuantized (onnx_weights);
+    a shared block's matrices at every depth that runs them (`share_identical_initializers` then stores them once)."""
+    from llmship.compress.plan import module_uses
+
     level = 4 if target.recipe.activations == "int8" else 0  # 4: int8 compute on CPU, inputs quantized per block
     for name, t in record.tensors.items():
         if name == EMBEDDING_MODULE:
             continue
-        node = _find(model, f"{name}/MatMul")
-        if node is None:
-            raise RuntimeError(f"the traced graph has no MatMul for {name}")
-        (ow.matmul_integer(model, node, t) if t.grid.group_size is None else ow.matmul_nbits(model, node, t, level))
+        for path in module_uses(spec, name):
+            node = _find(model, f"{path}/MatMul")
+            if node is None:
+                raise RuntimeError(f"the traced graph has no MatMul for {path}")
+            (ow.matmul_integer(model, node, t) if t.grid.group_size is None else ow.matmul_nbits(model, node, t, level))
     embedding = record.tensors.get(EMBEDDING_MODULE)
     if embedding is not None and tied:
         head = _find(model, HEAD)
@@ -276,6 +280,31 @@ def apply_record(model, record, target, tied: bool) -> None:
         else:
             ow.embedding_blocks(model, embed, embedding, _adder)
     ow.integer_zero_points(model, _adder)
+
+
+def share_identical_initializers(model) -> int:
+    """Store each constant tensor once: torch.onnx folds a transposed copy of a weight for every MatMul that reads
+    it, so a block that runs at two depths (layer sharing) would be stored twice. Initializers that are graph inputs
+    (a separate adapter's tensors, bound by name) are left alone. Returns the copies removed."""
+    import hashlib
+
+    inputs = {v.name for v in model.graph.inputs}
+    first: dict[tuple, ir.Value] = {}
+    removed = 0
+    for node in model.graph:
+        for value in node.inputs:
+            if value is None or not value.is_initializer() or value.name in inputs or value.const_value is None:
+                continue
+            array = value.const_value.numpy()
+            if array.nbytes < 1024:
+                continue
+            key = (str(array.dtype), array.shape, hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest())
+            kept = first.setdefault(key, value)
+            if kept is not value:
+                value.replace_all_uses_with(kept)
+                model.graph.initializers.pop(value.name)
+                removed += 1
+    return removed
 
 
 # ---- emit ---------------------------------------------------------------------------------------------------
@@ -366,9 +395,10 @@ def export(job: ExportJob) -> ExportResult:
     if job.loaded.lora:
         oa.add_branches(model, job.loaded.lora, _find, lora_dtype)
     if job.record is not None:
-        apply_record(model, job.record, job.target, tied)
+        apply_record(model, job.record, job.target, spec, tied)
     if tied:
         share_tied_embedding(model)
+    share_identical_initializers(model)
     model.graph.name = "llmship_decoder"
     data_file = save(model, job.out_dir)
     (job.out_dir / "genai_config.json").write_text(json.dumps(genai_config(job), indent=2) + "\n")

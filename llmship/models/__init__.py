@@ -42,6 +42,9 @@ def build_decoder(loaded: "LoadedModel", max_context: int, cache_dtype: str = "f
     if loaded.spec.tie_word_embeddings:
         decoder.lm_head.weight = decoder.model.embed_tokens.weight
         missing = [m for m in missing if m != "lm_head.weight"]
+    if spec.shared_layers is not None:  # a layer that runs another's block has no tensors of its own
+        sharers = tuple(f"model.layers.{i}." for i in range(spec.num_layers) if spec.owner_of(i) != i)
+        missing = [m for m in missing if not m.startswith(sharers)]
     if missing or unexpected:
         raise ModelError(f"{loaded.source}: weights do not fit the canonical model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return decoder.eval()

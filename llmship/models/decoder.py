@@ -188,7 +188,10 @@ class Backbone(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
+        layers: list[DecoderLayer] = []
+        for i in range(spec.num_layers):  # a shared block is one module at two depths (each keeps its own cache)
+            layers.append(layers[spec.owner_of(i)] if spec.owner_of(i) != i else DecoderLayer(spec, i))
+        self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
 

@@ -35,6 +35,8 @@ class ModelSpec:
     sliding_layers: tuple[bool, ...] | None = None  # per layer, whether it attends within the window; None: all
     rope_layers: tuple[bool, ...] | None = None  # per layer, whether it applies RoPE (SmolLM3's NoPE layers); None: all
     rotary_dim: int | None = None  # how many leading dims of each head RoPE rotates (Phi's partial rotary); None: all
+    # per layer, the layer whose weights it runs (MobileLLM's block sharing, compress/share.py); None: each its own
+    shared_layers: tuple[int, ...] | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
@@ -43,6 +45,15 @@ class ModelSpec:
         if self.sliding_window is None or (self.sliding_layers is not None and not self.sliding_layers[layer]):
             return None
         return self.sliding_window
+
+    def owner_of(self, layer: int) -> int:
+        """The layer whose weights `layer` runs: itself, or the layer it shares a block with."""
+        return layer if self.shared_layers is None else self.shared_layers[layer]
+
+    @property
+    def weight_layers(self) -> list[int]:
+        """The layers that hold weights (a shared block's are stored once, under its first layer)."""
+        return [i for i in range(self.num_layers) if self.owner_of(i) == i]
 
     @property
     def rope_dim(self) -> int:
@@ -60,7 +71,7 @@ class ModelSpec:
         mlp = 3 * d * f + ((2 * f + d) if self.mlp_bias else 0)
         norms = 2 * d + (2 * hd if self.qk_norm else 0)
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * (attn + mlp + norms) + d + embed
+        return len(self.weight_layers) * (attn + mlp + norms) + d + embed
 
 
 def _rope_settings(cfg: dict) -> tuple[float, dict | None]:

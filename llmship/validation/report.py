@@ -174,6 +174,15 @@ def markdown(reports: list[dict]) -> str:
             lines += ["", f"## {r['target']}: marginal gates (the 95% interval straddles the limit; a rerun may flip them)",
                       *[f"- {g['name']}: {_fmt(g['value'])} [{_fmt(g['interval'][0])}, {_fmt(g['interval'][1])}] (limit {_fmt(g['limit'])})"
                         for g in marginal if _pair(g.get("interval"))]]
+        structure = r.get("structure")
+        if isinstance(structure, dict):
+            heal = structure.get("heal") or {}
+            loss = heal.get("loss") or []
+            lines += ["", f"## {r['target']}: pruned model (student {str(structure.get('digest'))[:12]})",
+                      f"- kept layers {structure.get('layers')}, FFN {structure.get('ffn_width_before')} -> {structure.get('ffn_width')} "
+                      f"channels, {_fmt(structure.get('params_before'))} -> {_fmt(structure.get('params'))} parameters",
+                      f"- healing: {len(loss)} distillation steps in {_fmt(heal.get('seconds'))} s, loss "
+                      + (" -> ".join(_fmt(v) for v in loss[:: max(1, len(loss) // 8)] + loss[-1:]) if loss else "none (not healed)")]
         search = r.get("search")
         if isinstance(search, dict) and search.get("steps"):
             lines += ["", f"## {r['target']}: smallest passing artifact (step {search.get('chosen_step')} chosen)",
@@ -326,6 +335,24 @@ def plot_error_along_sequence(reports: list[dict]) -> str:
     return _svg(w, h, body, "Error along the sequence")
 
 
+def plot_healing(reports: list[dict]) -> str:
+    """The distillation loss per step of each pruned artifact's healing (nothing when none was healed)."""
+    curves = [(r["target"], r["structure"]["heal"]["loss"]) for r in reports
+              if isinstance(r.get("structure"), dict) and (r["structure"].get("heal") or {}).get("loss")]
+    if not curves:
+        return ""
+    w, h, m = 520, 320, 56
+    n = max(len(c) for _, c in curves)
+    top = max(max(c) for _, c in curves) or 1.0
+    body = _axes(w, h, m, "healing step", "distillation loss")
+    for i, (name, c) in enumerate(curves):
+        pts = " ".join(f"{m + j / max(n - 1, 1) * (w - m - 20):.1f},{h - m - v / top * (h - m - 34):.1f}" for j, v in enumerate(c))
+        body.append(f'<polyline class="series" fill="none" stroke="{COLORS[i % len(COLORS)]}" stroke-width="1.2" points="{pts}"/>'
+                    f'<text x="{w - 14}" y="{40 + 12 * i}" text-anchor="end" font-size="10" fill="{COLORS[i % len(COLORS)]}">{html.escape(name)}</text>')
+    body.append(f'<text x="{m - 4}" y="34" text-anchor="end" font-size="9">{top:.3g}</text>')
+    return _svg(w, h, body, "Healing: distillation loss per step")
+
+
 def html_page(reports: list[dict]) -> str:
     ok = all(r["passed"] for r in reports)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in HEADER)
@@ -358,7 +385,7 @@ mark.diverge {{ background: #ffd54f; }} table.side td {{ text-align: left; verti
 compressed reference, the recipe's own weights and activation quantization in PyTorch (what the converter added).</p>
 <table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>
 {notes}
-<h2>Plots</h2><div class="plots">{plot_size_vs_kl(reports)}{plot_decode_speed(reports)}{plot_error_along_sequence(reports)}{plot_search(reports)}</div>
+<h2>Plots</h2><div class="plots">{plot_size_vs_kl(reports)}{plot_decode_speed(reports)}{plot_error_along_sequence(reports)}{plot_search(reports)}{plot_healing(reports)}</div>
 <h2>Gates</h2>{gates}
 <h2>Greedy continuations</h2>{greedy_panels(reports)}
 <script>

@@ -1,5 +1,5 @@
-"""A pruned and healed stories260K (a quarter of every FFN and one layer removed, 50 distillation steps) on every
-runtime: each artifact is judged against the FP32 original (parity: what the user gets) and against the healed
+"""A pruned and healed stories260K (a quarter of every FFN, one query head of each pair and one layer removed, 50
+distillation steps) on every runtime: each artifact is judged against the FP32 original (parity: what the user gets) and against the healed
 student (conversion: is the converter right), which must hold at the fp32/fp16 target's own tight limits. A planted
 fault (the unhealed student's graph shipped under the healed student's manifest) fails the conversion gates."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ from llmship.validation.stage import validate_artifact
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared, pytest.mark.filterwarnings("ignore::UserWarning")]
 
-PRUNE = {"prune": {"ffn": 0.25, "layers": 1}, "heal": {"steps": 50, "lr": 1e-3}}
+PRUNE = {"prune": {"ffn": 0.25, "heads": 0.5, "layers": 1}, "heal": {"steps": 50, "lr": 1e-3}}
 # What a user who prunes accepts against the original (stories260K measures KL 1.0, top-1 0.59, ppl x2.8 here, a third of a
 # 260K-parameter model removed); the converter is still held to the target's own conversion limits.
 ACCEPTED = {"kl_mean_max": 2.0, "top1_agreement_min": 0.4, "ppl_ratio_max": 3.5, "max_abs_err": None, "greedy_match_min": None}
@@ -52,7 +52,8 @@ def test_pruned_model_converts_exactly_on_every_runtime(name, stories, tmp_path)
     assert report["passed"], [g for g in report["gates"] if not g["passed"]]
     manifest = json.loads((tmp_path / name / "manifest.json").read_text())
     assert manifest["model"]["num_layers"] == 4 and manifest["model"]["intermediate_size"] == 128
-    assert manifest["model"]["params"] == manifest["structure"]["params"] == 180_800 < stories.spec.num_params
+    assert manifest["model"]["num_heads"] == 4 and manifest["model"]["num_kv_heads"] == 4  # GQA 2 -> 1 per KV head
+    assert manifest["model"]["params"] == manifest["structure"]["params"] < 0.7 * stories.spec.num_params
     assert len(manifest["kv_cache"]["length_per_layer"]) == 4
     s = report["structure"]
     assert s["layers"] == manifest["structure"]["layers"] and len(s["layers"]) == 4 and s["heal"]["steps"] == 50
@@ -60,6 +61,10 @@ def test_pruned_model_converts_exactly_on_every_runtime(name, stories, tmp_path)
     # parity is against the original: the pruned model is far from it, the converter is not far from the student
     assert report["parity"]["kl_mean"] > 100 * report["conversion"]["kl_mean"]
     assert report["conversion"]["reference"].startswith("compressed" if name == "onnx-int4" else "pruned student")
+    from llmship.validation.report import html_page, markdown, validate_schema
+
+    validate_schema(report)
+    assert f"## {name}: pruned model" in markdown([report]) and "Healing: distillation loss" in html_page([report])
 
 
 @pytest.mark.onnx
@@ -93,3 +98,74 @@ def test_validate_refuses_a_student_that_is_not_the_one_shipped(stories, tmp_pat
     write_manifest(artifact, {k: v for k, v in manifest.items() if k != "files"})
     with pytest.raises(ManifestError, match="pruned model rebuilt"):
         validate_artifact(artifact, config_for(stories.source), loaded=stories)
+
+
+SHARE = {"share": {"pairs": 2}, "heal": {"steps": 30, "lr": 1e-3}}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param("executorch-fp32", marks=pytest.mark.executorch),
+    pytest.param("onnx-fp32", marks=pytest.mark.onnx),
+    pytest.param("litert-fp32", marks=pytest.mark.litert),
+    pytest.param("coreml-fp16", marks=pytest.mark.coreml),
+])
+def test_a_shared_block_is_stored_once_and_converts_exactly_on_every_runtime(name, stories, tmp_path):
+    """stories260K with two adjacent pairs of layers sharing a block (MobileLLM), healed: every runtime's file holds
+    each shared matrix once (its bytes, fp32 or fp16 as the target stores it, in either layout, occur once across the
+    artifact), runs it at both depths with each depth's own cache, and matches the healed student at the target's
+    conversion limits."""
+    import numpy as np
+
+    from llmship.compress.structure import restructured
+
+    config = config_for(stories.source, SHARE)
+    artifact = export_artifact(stories, target_for(name), tmp_path / name, config=config)
+    report = validate_artifact(artifact, config, loaded=stories)
+    gates = conversion_gates(report)
+    assert gates and all(g["passed"] for g in gates.values()) and report["passed"], report["gates"]
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    shared = manifest["model"]["shared_layers"]
+    pairs = manifest["structure"]["shared"]
+    assert len(pairs) == 2 and all(shared[j] == i for i, j in pairs) and manifest["kv_cache"]["num_layers"] == 5
+    student = restructured(stories, config.compression, config.calibration, config.evaluation)
+    blob = b"".join(p.read_bytes() for p in sorted(artifact.rglob("*")) if p.is_file() and p.suffix not in (".json",))
+    dtype = np.float16 if name == "coreml-fp16" else np.float32
+    for first, _ in pairs:
+        for proj in ("self_attn.q_proj", "mlp.down_proj"):
+            w = student.weights[f"model.layers.{first}.{proj}.weight"].numpy().astype(dtype)
+            found = blob.count(w.tobytes()) + blob.count(np.ascontiguousarray(w.T).tobytes())  # as stored, or transposed
+            assert found == 1, (proj, found)
+    assert report["artifact"]["params"] == student.spec.num_params < stories.spec.num_params
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param("executorch-8da4w", marks=pytest.mark.executorch),
+    pytest.param("onnx-int4", marks=pytest.mark.onnx),
+    pytest.param("litert-int4", marks=pytest.mark.litert),
+    pytest.param("coreml-int4", marks=pytest.mark.coreml),
+])
+def test_a_shared_block_is_quantized_once_and_runs_quantized_at_both_depths(name, stories, tmp_path):
+    """The record quantizes a shared block once (no matrix of the second layer of a pair), and every runtime runs
+    those codes at both depths: the conversion check against the compressed student (both depths quantized) passes
+    at the target's own limits."""
+    config = config_for(stories.source, SHARE)
+    artifact = export_artifact(stories, target_for(name), tmp_path / name, config=config)
+    report = validate_artifact(artifact, config, loaded=stories)
+    gates = conversion_gates(report)
+    assert gates and all(g["passed"] for g in gates.values()), gates
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    grids = manifest["compression"]["grids"]
+    for first, second in manifest["structure"]["shared"]:
+        assert any(n.startswith(f"model.layers.{first}.") for n in grids)
+        assert not any(n.startswith(f"model.layers.{second}.") for n in grids)
+    if name == "executorch-8da4w":  # the .pte holds the record's bytes once (a float copy for the second depth: +363 kB)
+        from llmship.exporters.executorch import pte_weight_bytes
+
+        weights = pte_weight_bytes((artifact / "model.pte").read_bytes())
+        assert abs(weights - manifest["executorch"]["expected_weight_bytes"]) <= weights // 100
+    if name == "onnx-int4":  # no constant stored twice
+        import onnx_ir as ir
+
+        from llmship.exporters.onnx import share_identical_initializers
+
+        assert share_identical_initializers(ir.load(str(artifact / "model.onnx"))) == 0

@@ -34,14 +34,18 @@ def test_kept_width_rounds_to_kernel_multiples():
 
 
 def test_importance_is_the_textbook_score_through_transformers(tiny):
-    """FFN channel j: ||silu(gate) * up||_2 over every token times ||W_down[:, j]||_2; layer i: 1 - mean cosine of the
-    residual stream before and after it. The oracle reads transformers' model, not the canonical one."""
+    """FFN channel j: ||silu(gate) * up||_2 over every token times ||W_down[:, j]||_2; head h: ||o_h||_2 times the norm
+    of o_proj's columns for it; layer i: 1 - mean cosine of the residual stream before and after it. The oracle reads
+    transformers' model, not the canonical one."""
     seqs = sequences(tiny.spec.vocab_size)
-    scores, influence = importance(build_decoder(tiny, 24), seqs, batch=4)
+    got = importance(build_decoder(tiny, 24), seqs, batch=4)
+    scores, influence = got.ffn, got.layers
     hf = hf_from_loaded(tiny)
-    acts = {}
+    acts, outs = {}, {}
     hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda _m, a, i=i: acts.setdefault(i, []).append(a[0].double()))
              for i, layer in enumerate(hf.model.layers)]
+    hooks += [layer.self_attn.o_proj.register_forward_pre_hook(lambda _m, a, i=i: outs.setdefault(i, []).append(a[0].double()))
+              for i, layer in enumerate(hf.model.layers)]
     with torch.no_grad():
         out = hf(torch.tensor(seqs), output_hidden_states=True)
     for h in hooks:
@@ -50,34 +54,48 @@ def test_importance_is_the_textbook_score_through_transformers(tiny):
         a = torch.cat(acts[i]).reshape(-1, layer.mlp.down_proj.in_features)
         expected = a.pow(2).sum(0).sqrt() * layer.mlp.down_proj.weight.double().norm(dim=0)
         torch.testing.assert_close(scores[i].double(), expected, rtol=1e-4, atol=1e-6)
+        hd, o = tiny.spec.head_dim, torch.cat(outs[i]).reshape(-1, tiny.spec.num_heads, tiny.spec.head_dim)
+        w = layer.self_attn.o_proj.weight.double()
+        expected = torch.stack([o[:, h].pow(2).sum().sqrt() * w[:, h * hd:(h + 1) * hd].norm() for h in range(tiny.spec.num_heads)])
+        torch.testing.assert_close(got.heads[i].double(), expected, rtol=1e-4, atol=1e-6)
     hs = out.hidden_states  # the last one is after the final norm: the last layer's influence is checked by ordering only
     for i in range(tiny.spec.num_layers - 1):
         cos = F.cosine_similarity(hs[i].double(), hs[i + 1].double(), dim=-1).mean()
         assert abs(float(influence[i]) - float(1 - cos)) < 1e-5
 
 
-def test_pruned_model_is_the_original_with_those_channels_and_layer_switched_off(tiny):
-    """Removing channels and a layer equals zeroing what they add to the residual stream (down_proj's columns; the
-    layer's o_proj and down_proj): the pruned model computes exactly the original's function minus those parts."""
+def test_pruned_model_is_the_original_with_those_channels_heads_and_layer_switched_off(tiny):
+    """Removing channels, heads and a layer equals zeroing what they add to the residual stream (down_proj's and
+    o_proj's columns; the layer's o_proj and down_proj): the pruned model computes exactly the original's function
+    minus those parts."""
+    from llmship.compress.prune import kept_heads
+
     seqs = sequences(tiny.spec.vocab_size)
-    scores, influence = importance(build_decoder(tiny, 24), seqs)
-    student, kept = pruned(tiny, scores, influence, ffn=0.5, layers=1)
-    dropped = int(torch.argmin(influence))
+    scores = importance(build_decoder(tiny, 24), seqs)
+    student, kept = pruned(tiny, scores, ffn=0.5, heads=0.5, layers=1)
+    dropped = int(torch.argmin(scores.layers))
     assert kept["layers"] == [i for i in range(tiny.spec.num_layers) if i != dropped]
     assert student.spec.num_layers == tiny.spec.num_layers - 1 and student.spec.intermediate_size == kept["ffn_width"] == 80
+    assert student.spec.num_heads == kept["num_heads"] == 2 and student.spec.num_kv_heads == tiny.spec.num_kv_heads == 2
     assert kept["params"] == student.spec.num_params < kept["params_before"]
-    off = dict(tiny.weights)
+    off, hd = dict(tiny.weights), tiny.spec.head_dim
     for i in range(tiny.spec.num_layers):
         p = f"model.layers.{i}"
         if i == dropped:
             off[f"{p}.self_attn.o_proj.weight"] = torch.zeros_like(off[f"{p}.self_attn.o_proj.weight"])
             off[f"{p}.mlp.down_proj.weight"] = torch.zeros_like(off[f"{p}.mlp.down_proj.weight"])
             continue
-        removed = torch.argsort(scores[i], descending=True)[kept["ffn_width"]:]
-        assert float(scores[i][removed].max()) <= float(torch.sort(scores[i], descending=True).values[kept["ffn_width"] - 1])
+        removed = torch.argsort(scores.ffn[i], descending=True)[kept["ffn_width"]:]
         w = off[f"{p}.mlp.down_proj.weight"].clone()
         w[:, removed] = 0
         off[f"{p}.mlp.down_proj.weight"] = w
+        heads = kept_heads(scores.heads[i], tiny.spec.num_heads, tiny.spec.num_kv_heads, 1)
+        assert [int(h) // 2 for h in heads] == [0, 1]  # one query head of each KV group, the better one
+        assert all(scores.heads[i][h] >= scores.heads[i][h ^ 1] for h in heads.tolist())
+        w = off[f"{p}.self_attn.o_proj.weight"].clone()
+        for h in set(range(tiny.spec.num_heads)) - set(heads.tolist()):
+            w[:, h * hd:(h + 1) * hd] = 0
+        off[f"{p}.self_attn.o_proj.weight"] = w
     tokens = torch.tensor(seqs[:2])
     with torch.no_grad():
         expected = run_sequences(build_decoder(tiny, 24, weights=off), tokens)
@@ -104,7 +122,7 @@ def _kl_to(teacher, student, tokens) -> float:
 def test_healing_is_deterministic_and_leaves_its_input_alone(tiny):
     seqs = sequences(tiny.spec.vocab_size, 8, 24, seed=1)
     teacher = build_decoder(tiny, 24)
-    student, _ = pruned(tiny, *importance(teacher, seqs), ffn=0.5, layers=1)
+    student, _ = pruned(tiny, importance(teacher, seqs), ffn=0.5, layers=1)
     trained = []
     for _ in range(2):
         decoder = build_decoder(dataclasses.replace(student, weights={n: w.clone() for n, w in student.weights.items()}), 24)
@@ -125,7 +143,7 @@ def test_healing_wins_back_most_of_the_kl_pruning_cost_on_held_out_text(stories)
     teacher = build_decoder(stories, 128)
     train = sample_sequences(teacher, 1, 32, 128, seed=1)
     held_out = torch.tensor(sample_sequences(teacher, 1, 4, 128, seed=2))
-    student, _ = pruned(stories, *importance(teacher, train), ffn=0.25, layers=1)
+    student, _ = pruned(stories, importance(teacher, train), ffn=0.25, layers=1)
     decoder = build_decoder(student, 128)
     before = _kl_to(teacher, decoder, held_out)
     result = heal(decoder, teacher, train, Heal(steps=60, lr=1e-3, batch=4), seed=3)
@@ -135,8 +153,6 @@ def test_healing_wins_back_most_of_the_kl_pruning_cost_on_held_out_text(stories)
 
 
 @pytest.mark.parametrize("sets, message", [
-    (["compression.prune.heads=0.25"], "head pruning is not built yet"),
-    (["compression.share.pairs=2"], "layer sharing is not built yet"),
     (["compression.heal.steps=10"], "nothing is pruned"),
     (["compression.prune.ffn=1.0"], "compression.prune.ffn"),
 ])
@@ -147,6 +163,47 @@ def test_structural_settings_that_cannot_be_built_are_exit_2(sets, message):
 
 
 def test_removing_every_layer_is_refused(tiny):
-    scores = [torch.ones(tiny.spec.intermediate_size)] * tiny.spec.num_layers
+    from llmship.compress.prune import Importance
+
+    n = tiny.spec.num_layers
+    scores = Importance([torch.ones(tiny.spec.intermediate_size)] * n, [torch.ones(tiny.spec.num_heads)] * n,
+                        torch.arange(n, dtype=torch.float32))
     with pytest.raises(ConfigError, match="at least one must stay"):
-        pruned(tiny, scores, torch.arange(tiny.spec.num_layers, dtype=torch.float32), ffn=0.0, layers=tiny.spec.num_layers)
+        pruned(tiny, scores, layers=n)
+
+
+def test_a_shared_block_is_one_module_at_two_depths_with_its_own_caches(tiny):
+    """Layer 1 running layer 0's block computes exactly what the original model computes with layer 1's weights set
+    to layer 0's; the block's parameters exist once, each depth keeps its own KV cache."""
+    from llmship.compress.share import with_shared
+
+    shared = with_shared(tiny, [0])
+    assert shared.spec.shared_layers == (0, 0, 2) and shared.spec.weight_layers == [0, 2]
+    assert not any(n.startswith("model.layers.1.") for n in shared.weights)
+    per_layer = sum(w.numel() for n, w in tiny.weights.items() if n.startswith("model.layers.1."))
+    assert shared.spec.num_params == tiny.spec.num_params - per_layer
+    decoder = build_decoder(shared, 24)
+    assert decoder.model.layers[0] is decoder.model.layers[1]
+    assert sum(p.numel() for p in decoder.parameters()) == shared.spec.num_params
+    copied = dict(tiny.weights)
+    copied.update({n.replace("model.layers.0.", "model.layers.1."): w for n, w in tiny.weights.items() if n.startswith("model.layers.0.")})
+    tokens = torch.tensor(sequences(tiny.spec.vocab_size)[:2])
+    with torch.no_grad():
+        torch.testing.assert_close(run_sequences(decoder, tokens), run_sequences(build_decoder(tiny, 24, weights=copied), tokens))
+        # stepwise through the static cache: prefill then decode, each depth reading its own cache
+        step = build_decoder(shared, 24)
+        step.prefill(tokens[0, :10], 0)
+        last = step.decode(int(tokens[0, 10]), 10)
+        torch.testing.assert_close(last, run_sequences(decoder, tokens[:1, :11])[0, -1], rtol=1e-5, atol=1e-5)
+    assert not torch.equal(step.k_cache_0, step.k_cache_1)
+
+
+def test_pairs_are_chosen_by_measured_cost_and_never_overlap(tiny):
+    from llmship.compress.share import choose, pair_costs
+
+    costs = pair_costs(tiny, sequences(tiny.spec.vocab_size))
+    assert set(costs) == {0, 1} and all(c > 0 for c in costs.values())
+    assert choose(costs, 1, "tiny") == [min(costs, key=costs.get)]
+    assert choose({0: 0.3, 1: 0.1, 2: 0.2, 3: 0.4}, 2, "m") == [1, 3]
+    with pytest.raises(ConfigError, match="only 1 adjacent pairs"):
+        choose(costs, 2, "tiny")
