@@ -3,8 +3,9 @@
     FP32 model -> importance on calibration tokens -> prune (prune.py) -> share blocks (share.py) -> heal (heal.py) -> student
 
 The student is a model of the same family (fewer layers, narrower FFN, fewer heads; adjacent layers that run one
-block); every target quantizes and exports it as it would any model. The FP32 reference stays the original (what the user started from); the student
-is what the compressed reference starts from, so the conversion check still measures the converter alone.
+block); every target quantizes and exports it as it would any model. The FP32 reference stays the original (what
+the user started from); the student is what the compressed reference starts from, so the conversion check still
+measures the converter alone.
 Students are cached on disk like compression records (a key over the original's weights, the settings, the
 calibration and this package's code); the manifest's `structure` holds the settings and the student's digest, so
 `llmship validate` rebuilds the same student (from the cache, or by pruning and healing again) and refuses another.
@@ -21,7 +22,7 @@ from llmship.progress import say, stage
 
 def restructured(loaded, compression, calibration, evaluation):
     """The student `compression` (config.Compression) makes of `loaded`, with `.structure` set; `loaded` itself
-    when nothing is pruned."""
+    when nothing is pruned or shared."""
     if not compression.active:
         return loaded
     if loaded.lora:
