@@ -191,6 +191,9 @@ class Search(Strict):
     mode: Literal["none", "smallest"] = "none"
     step: float = Field(default=0.1, gt=0, lt=1)  # each step's budget: this fraction of the first artifact's bytes less
     max_steps: int = Field(default=8, gt=0, le=50)
+    # then prune: each step removes FFN channels for this fraction of the model's parameters more (healed with
+    # compression.heal), from the target's own recipe; 0: no pruning steps
+    prune_step: float = Field(default=0.0, ge=0, lt=1)
 
 
 class Adapters(Strict):
@@ -257,11 +260,6 @@ class Compression(Strict):
     def active(self) -> bool:
         return self.prune.ffn > 0 or self.prune.heads > 0 or self.prune.layers > 0 or self.share.pairs > 0
 
-    @model_validator(mode="after")
-    def _healing_something(self):
-        if self.heal.steps and not self.active:
-            raise ValueError("compression.heal.steps is set but nothing is pruned or shared (compression.prune, compression.share)")
-        return self
 
 
 class BuildConfig(Strict):
@@ -279,6 +277,13 @@ class BuildConfig(Strict):
         "android": ("executorch-8da4w", "litert-int8", "onnx-int4"),
         "ios": ("coreml-int4", "executorch-8da4w"),
     }
+
+    @model_validator(mode="after")
+    def _healing_something(self):
+        if self.compression.heal.steps and not self.compression.active and not self.search.prune_step:
+            raise ValueError("compression.heal.steps is set but nothing is pruned or shared (compression.prune, "
+                             "compression.share, search.prune_step)")
+        return self
 
 
 def parse_set(items: list[str]) -> dict:

@@ -5,6 +5,9 @@ smaller; the compression stage allocates grids under it (llmship/compress/mixed.
 validated on its runtime. The search stops at the first step whose gates fail, or when the runtime cannot go
 smaller; the smallest passing artifact stays at the target's path, and its report lists every step.
 The format's own overhead (graph, metadata) is measured at step 0 and reserved out of every budget.
+With `search.prune_step`, pruning steps follow: the target's own recipe on a model whose FFN loses channels worth
+that fraction of the parameters more at each step, healed as `compression.heal` says (llmship/compress/structure.py),
+until a step fails its gates (judged against the FP32 original).
 """
 from __future__ import annotations
 
@@ -90,6 +93,8 @@ def smallest(loaded, target, config, artifact: Path, debug: bool = False, inputs
                 if not report["passed"]:
                     break
                 best, last = out, report["artifact"]["bytes"]
+        if config.search.prune_step and steps[0]["passed"]:
+            best = _pruning_steps(loaded, target, config, work, steps, best, debug, inputs_sha256)
         chosen = next(s["step"] for s in steps if (work / f"step-{s['step']}") == best)
         final = json.loads((best / REPORT).read_text())
         final["search"] = {"mode": "smallest", "chosen_step": chosen, "steps": steps}
@@ -100,3 +105,34 @@ def smallest(loaded, target, config, artifact: Path, debug: bool = False, inputs
         return final
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def ffn_fraction(spec, params: float) -> float:
+    """The fraction of every FFN's channels whose weights hold `params` parameters."""
+    return params / (3 * spec.hidden_size * spec.intermediate_size * len(spec.weight_layers))
+
+
+def _pruning_steps(loaded, target, config, work: Path, steps: list, best: Path, debug: bool, inputs_sha256) -> Path:
+    """Pruning steps after the budget's: FFN channels for `prune_step` of the parameters more each time, healed, the
+    target's own recipe; stops at the first failing step. Returns the smallest passing artifact so far."""
+    from llmship.pipeline import export_artifact
+    from llmship.validation.stage import validate_artifact
+
+    last = min(s["bytes"] for s in steps if s["passed"])
+    first = len(steps)
+    for k in range(1, config.search.max_steps + 1):
+        ffn = ffn_fraction(loaded.spec, k * config.search.prune_step * loaded.spec.num_params)
+        if ffn >= 0.95:
+            break
+        compression = config.compression.model_copy(update={"prune": config.compression.prune.model_copy(update={"ffn": ffn})})
+        pruned_config = config.model_copy(update={"compression": compression})
+        i, out = first + k - 1, work / f"step-{first + k - 1}"
+        say(f"{target.name}: search step {i}: {ffn:.0%} of every FFN pruned")
+        export_artifact(loaded, target, out, debug=debug, inputs_sha256=inputs_sha256, config=pruned_config)
+        report = validate_artifact(out, pruned_config, loaded=loaded)
+        steps.append({**_step_row(i, None, report), "prune_ffn": round(ffn, 4)})
+        if not report["passed"]:
+            break
+        if report["artifact"]["bytes"] < last:
+            best, last = out, report["artifact"]["bytes"]
+    return best

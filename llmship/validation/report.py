@@ -186,8 +186,8 @@ def markdown(reports: list[dict]) -> str:
         search = r.get("search")
         if isinstance(search, dict) and search.get("steps"):
             lines += ["", f"## {r['target']}: smallest passing artifact (step {search.get('chosen_step')} chosen)",
-                      "| step | budget B | bytes | KL mean | top-1 | verdict |", "|---|---|---|---|---|---|"]
-            lines += [f"| {st['step']} | {_fmt(st.get('budget_bytes'))} | {_fmt(st.get('bytes'))} | {_fmt(st.get('kl_mean'))} | "
+                      "| step | budget B | FFN pruned | bytes | KL mean | top-1 | verdict |", "|---|---|---|---|---|---|---|"]
+            lines += [f"| {st['step']} | {_fmt(st.get('budget_bytes'))} | {_fmt(st.get('prune_ffn'))} | {_fmt(st.get('bytes'))} | {_fmt(st.get('kl_mean'))} | "
                       f"{_fmt(st.get('top1_agreement'))} | {'PASS' if st.get('passed') else 'FAIL ' + ', '.join(map(str, st.get('failed_gates') or [])) + str(st.get('stopped') or '')} |"
                       for st in search["steps"]]
         for g in (r.get("greedy") or {}).get("text") or []:

@@ -169,3 +169,31 @@ def test_a_shared_block_is_quantized_once_and_runs_quantized_at_both_depths(name
         from llmship.exporters.onnx import share_identical_initializers
 
         assert share_identical_initializers(ir.load(str(artifact / "model.onnx"))) == 0
+
+
+@pytest.mark.onnx
+def test_smallest_goes_on_with_pruning_steps_and_keeps_the_smallest_passing(stories_dir, tmp_path):
+    """`search: {mode: smallest, prune_step: 0.1}`: after the budget steps, each step prunes FFN channels worth 10% more
+    of the parameters (healed); every step is in the report, and the artifact kept is the smallest that passed."""
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({
+        "model": str(stories_dir), "targets": ["onnx-int4"], "evaluation": {"tokens": 128, "latency_runs": 2},
+        "compression": {"heal": {"steps": 20, "lr": 1e-3}},
+        "search": {"mode": "smallest", "max_steps": 2, "prune_step": 0.1},
+        "overrides": {"onnx-int4": {"max_context": 128, "prefill_lengths": [16], "gates": {**ACCEPTED, "greedy_match_min": None}}}}))
+    proc = subprocess.run([sys.executable, "-m", "llmship", "build", str(cfg), "--out", str(tmp_path / "dist")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "dist" / "onnx-int4" / "report.json").read_text())
+    steps = report["search"]["steps"]
+    pruning = [s for s in steps if s.get("prune_ffn")]
+    assert [s["prune_ffn"] for s in pruning] == sorted(s["prune_ffn"] for s in pruning) and len(pruning) >= 1
+    assert pruning[0]["prune_ffn"] == pytest.approx(0.1 * 260_032 / (3 * 64 * 172 * 5), abs=1e-4)
+    passed = [s for s in steps if s["passed"]]
+    chosen = next(s for s in steps if s["step"] == report["search"]["chosen_step"])
+    assert chosen["bytes"] == min(s["bytes"] for s in passed) == report["artifact"]["bytes"]
+    assert chosen.get("prune_ffn") and report["structure"]["ffn_width"] < 172  # the kept artifact is a pruned one
+    assert "FFN pruned" in (tmp_path / "dist" / "report.md").read_text()
