@@ -284,8 +284,9 @@ def apply_record(model, record, target, spec, tied: bool) -> None:
 
 def share_identical_initializers(model) -> int:
     """Store each constant tensor once: torch.onnx folds a transposed copy of a weight for every MatMul that reads
-    it, so a block that runs at two depths (layer sharing) would be stored twice. Initializers that are graph inputs
-    (a separate adapter's tensors, bound by name) are left alone. Returns the copies removed."""
+    it, and the record is applied at every depth, so a block that runs at two depths (layer sharing) would be stored
+    twice. Initializers that are graph inputs (a separate adapter's tensors, bound by name) and small ones are left
+    alone. Returns the copies removed."""
     import hashlib
 
     inputs = {v.name for v in model.graph.inputs}
@@ -398,7 +399,8 @@ def export(job: ExportJob) -> ExportResult:
         apply_record(model, job.record, job.target, spec, tied)
     if tied:
         share_tied_embedding(model)
-    share_identical_initializers(model)
+    if spec.shared_layers is not None:  # a block run at two depths: its (folded, quantized) constants once
+        share_identical_initializers(model)
     model.graph.name = "llmship_decoder"
     data_file = save(model, job.out_dir)
     (job.out_dir / "genai_config.json").write_text(json.dumps(genai_config(job), indent=2) + "\n")
