@@ -8,9 +8,7 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
 
 STEPS = (("gptq", "executorch-8da4w"), ("sensitivity", "executorch-8da4w"))
@@ -42,19 +40,12 @@ def _run(step: str, source: str, target_name: str) -> dict:
 
 
 def rows(ctx, steps=STEPS) -> list[dict]:
-    from llmship.bench.measure import run_measured
+    from llmship.bench.measure import cold_child_row
 
     out = []
     for step, target in steps:
         print(f"bench: compression {step} ({target})", flush=True)
-        with tempfile.TemporaryDirectory() as cache:  # a cold cache: the cost of computing, not of reading it back
-            res = run_measured([sys.executable, "-m", "llmship.bench.compression", step, ctx.source, target],
-                               env={**os.environ, "LLMSHIP_CACHE": cache})
-        row = {"step": step, "target": target, "model": ctx.model, "wall_s": res.wall_s, "peak_rss_mb": res.peak_rss_mb,
-               "error": None if res.returncode == 0 else res.error_line()}
-        if res.returncode == 0:
-            row.update(json.loads(res.stdout.strip().splitlines()[-1]))
-        out.append(row)
+        out.append(cold_child_row(["llmship.bench.compression", step, ctx.source, target], step=step, target=target, model=ctx.model))
     return out
 
 

@@ -111,3 +111,15 @@ def child_main(module_globals: dict) -> None:
     result = module_globals[f"_{command}"](payload)
     if result is not None:
         print(json.dumps(result))
+
+
+def cold_child_row(args: list[str], **fields) -> dict:
+    """`python -m ARGS...` in a child with a fresh, empty llmship cache (the cost of computing, not of reading it back):
+    `fields`, its wall time, peak RSS and error, and the JSON object its stdout's last line holds."""
+    with tempfile.TemporaryDirectory() as cache:
+        res = run_measured([sys.executable, "-m", *args], env={**os.environ, "LLMSHIP_CACHE": cache})
+    row = {**fields, "wall_s": res.wall_s, "peak_rss_mb": res.peak_rss_mb,
+           "error": None if res.returncode == 0 else res.error_line()}
+    if res.returncode == 0:
+        row.update(json.loads(res.stdout.strip().splitlines()[-1]))
+    return row

@@ -8,9 +8,7 @@ first 512 tokens of each of ../shared/data's texts, in windows of 256): KL mean,
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -61,21 +59,14 @@ def _run(source: str, steps: int, lr: float) -> dict:
 
 
 def rows(ctx) -> list[dict]:
-    from llmship.bench.measure import run_measured
+    from llmship.bench.measure import cold_child_row
 
     if not all((DATA / name).is_file() for name in TEXTS):
         return [{"model": ctx.model, "error": f"the evaluation texts are absent ({DATA}); they exist only in the development checkout"}]
     out = []
     for steps in (0, STEPS[ctx.quick]):
         print(f"bench: pruning ffn {FFN}, healing {steps} steps", flush=True)
-        with tempfile.TemporaryDirectory() as cache:  # a cold cache: the cost of computing, not of reading it back
-            res = run_measured([sys.executable, "-m", "llmship.bench.pruning", ctx.source, str(steps), str(LR[ctx.quick])],
-                               env={**os.environ, "LLMSHIP_CACHE": cache})
-        row = {"model": ctx.model, "wall_s": res.wall_s, "peak_rss_mb": res.peak_rss_mb,
-               "error": None if res.returncode == 0 else res.error_line()}
-        if res.returncode == 0:
-            row.update(json.loads(res.stdout.strip().splitlines()[-1]))
-        out.append(row)
+        out.append(cold_child_row(["llmship.bench.pruning", ctx.source, str(steps), str(LR[ctx.quick])], model=ctx.model))
     return out
 
 
