@@ -43,7 +43,7 @@ def heal(student, teacher, sequences: list[list[int]], settings, seed: int) -> d
 
 def _train(student, teacher, tokens: torch.Tensor, settings, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
-    params = [p for p in student.parameters()]
+    params = list(student.parameters())
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)

@@ -19,6 +19,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.shared, pytest.mark.filterwarnings("
 PRUNE = {"prune": {"ffn": 0.25, "heads": 0.5, "layers": 1}, "heal": {"steps": 50, "lr": 1e-3}}
 # What a user who prunes accepts against the original (stories260K measures KL 1.0, top-1 0.59, ppl x2.8 here, a third of a
 # 260K-parameter model removed); the converter is still held to the target's own conversion limits.
+# One fp32/fp16 and one 4-bit target per runtime, marked with the runtime they need.
+MARKS = {"executorch": pytest.mark.executorch, "onnx": pytest.mark.onnx, "litert": pytest.mark.litert, "coreml": pytest.mark.coreml}
+FLOAT_TARGETS = [pytest.param(n, marks=MARKS[n.split("-")[0]]) for n in ("executorch-fp32", "onnx-fp32", "litert-fp32", "coreml-fp16")]
+FOUR_BIT_TARGETS = [pytest.param(n, marks=MARKS[n.split("-")[0]]) for n in ("executorch-8da4w", "onnx-int4", "litert-int4", "coreml-int4")]
 ACCEPTED = {"kl_mean_max": 2.0, "top1_agreement_min": 0.4, "ppl_ratio_max": 3.5, "max_abs_err": None, "greedy_match_min": None}
 
 
@@ -37,13 +41,7 @@ def conversion_gates(report: dict) -> dict:
     return {g["name"]: g for g in report["gates"] if g["name"].startswith("conversion")}
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param("executorch-fp32", marks=pytest.mark.executorch),
-    pytest.param("onnx-fp32", marks=pytest.mark.onnx),
-    pytest.param("litert-fp32", marks=pytest.mark.litert),
-    pytest.param("coreml-fp16", marks=pytest.mark.coreml),
-    pytest.param("onnx-int4", marks=pytest.mark.onnx),  # prune, heal, then quantize
-])
+@pytest.mark.parametrize("name", [*FLOAT_TARGETS, pytest.param("onnx-int4", marks=pytest.mark.onnx)])  # + prune, heal, quantize
 def test_pruned_model_converts_exactly_on_every_runtime(name, stories, tmp_path):
     config = config_for(stories.source)
     report = validate_artifact(export_artifact(stories, target_for(name), tmp_path / name, config=config), config, loaded=stories)
@@ -103,12 +101,7 @@ def test_validate_refuses_a_student_that_is_not_the_one_shipped(stories, tmp_pat
 SHARE = {"share": {"pairs": 2}, "heal": {"steps": 30, "lr": 1e-3}}
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param("executorch-fp32", marks=pytest.mark.executorch),
-    pytest.param("onnx-fp32", marks=pytest.mark.onnx),
-    pytest.param("litert-fp32", marks=pytest.mark.litert),
-    pytest.param("coreml-fp16", marks=pytest.mark.coreml),
-])
+@pytest.mark.parametrize("name", FLOAT_TARGETS)
 def test_a_shared_block_is_stored_once_and_converts_exactly_on_every_runtime(name, stories, tmp_path):
     """stories260K with two adjacent pairs of layers sharing a block (MobileLLM), healed: every runtime's file holds
     each shared matrix once (its bytes, fp32 or fp16 as the target stores it, in either layout, occur once across the
@@ -138,12 +131,7 @@ def test_a_shared_block_is_stored_once_and_converts_exactly_on_every_runtime(nam
     assert report["artifact"]["params"] == student.spec.num_params < stories.spec.num_params
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param("executorch-8da4w", marks=pytest.mark.executorch),
-    pytest.param("onnx-int4", marks=pytest.mark.onnx),
-    pytest.param("litert-int4", marks=pytest.mark.litert),
-    pytest.param("coreml-int4", marks=pytest.mark.coreml),
-])
+@pytest.mark.parametrize("name", FOUR_BIT_TARGETS)
 def test_a_shared_block_is_quantized_once_and_runs_quantized_at_both_depths(name, stories, tmp_path):
     """The record quantizes a shared block once (no matrix of the second layer of a pair), and every runtime runs
     those codes at both depths: the conversion check against the compressed student (both depths quantized) passes
