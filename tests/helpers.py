@@ -31,6 +31,16 @@ FAMILY_CONFIGS = {
                                       original_max_position_embeddings=128, pad_token_id=0,
                                       rope_scaling={"type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 5.0],
                                                     "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]}),
+    # Gemma 3's text model: local (window 10) and global layers with a RoPE base each (the global one linearly scaled),
+    # q/k norms, four (1 + w) norms per block, GeGLU, embedding times sqrt(hidden), a softmax scale of 24 ** -0.5 where
+    # head_dim (32, not hidden / heads) would give 32 ** -0.5; GQA 3, tied head.
+    "gemma3-local-global": dict(model_type="gemma3_text", vocab_size=307, hidden_size=96, intermediate_size=128,
+                                num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, head_dim=32,
+                                query_pre_attn_scalar=24, sliding_window=10, tie_word_embeddings=True, pad_token_id=0,
+                                layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                                 "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                    "rope_theta": 1000000.0}}),
     "smollm-like": dict(model_type="llama", vocab_size=389, hidden_size=96, intermediate_size=128, num_hidden_layers=3,
                         num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=True, rope_theta=100000.0),
 }
@@ -47,10 +57,11 @@ def hf_model(name: str, seed: int = 0):
                                   **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    offset = 0.0 if model_type == "gemma3_text" else 1.0  # Gemma stores its norm weights minus 1
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith("norm.weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
+                p.copy_(offset + 0.1 * torch.randn_like(p))
             elif n.endswith("bias"):
                 p.copy_(0.05 * torch.randn_like(p))
     return model

@@ -44,21 +44,21 @@ def gptq_sequential(loaded, grids: dict[str, Grid], sequences, notes: dict) -> d
     out: dict[str, Quantized] = {}
     tokens = torch.tensor(sequences, dtype=torch.int64)
     positions = torch.arange(tokens.shape[1])
-    cos, sin = decoder.rope_cos[positions], decoder.rope_sin[positions]
+    ropes = decoder.rope(positions)  # per layer (cos, sin)
     mask = causal_mask(positions, length)
     with torch.no_grad():
-        hidden = decoder.model.embed_tokens(tokens)
+        hidden = decoder.model.embed(tokens)
         for i, layer in enumerate(bar(decoder.model.layers, "gptq", len(decoder.model.layers), unit="layer")):
             prefix = f"model.layers.{i}."
             todo = {p: grids[prefix + p] for p in PROJECTIONS if prefix + p in grids}
             if todo:
-                hessians = _layer_hessians(layer, hidden, cos, sin, positions, mask, decoder, set(SHARED_INPUT[p] for p in todo))
+                hessians = _layer_hessians(layer, hidden, *ropes[i], positions, mask, decoder, set(SHARED_INPUT[p] for p in todo))
                 for proj, grid in todo.items():
                     module = layer.get_submodule(proj)
                     quantized = _gptq_or_rtn(module.weight.float(), hessians[SHARED_INPUT[proj]], grid, prefix + proj, notes)
                     out[prefix + proj] = quantized
                     module.weight.copy_(grid.dequantize(*quantized))  # the next layers see this layer quantized
-            hidden = _run_layer(layer, hidden, cos, sin, positions, mask, decoder)
+            hidden = _run_layer(layer, hidden, *ropes[i], positions, mask, decoder)
         head = "lm_head"
         if head in grids:
             acc = HessianAccumulator(decoder.spec.hidden_size)

@@ -40,28 +40,29 @@ class Probe:
         tokens = torch.tensor(sequences, dtype=torch.int64)
         self.positions = torch.arange(tokens.shape[1])
         d = self.decoder
-        self.cos, self.sin = d.rope_cos[self.positions], d.rope_sin[self.positions]
+        self.ropes = d.rope(self.positions)  # per layer (cos, sin)
         self.mask = causal_mask(self.positions, length)
         self.tokens = tokens
         with torch.no_grad():
-            h = d.model.embed_tokens(tokens)
+            h = d.model.embed(tokens)
             self.inputs = []
-            for layer in d.model.layers:
+            for i in range(len(d.model.layers)):
                 self.inputs.append(h)
-                h = self.layer(layer, h)
+                h = self.layer(i, h)
             self.final = h
             self.logits = self.head(h)
 
-    def layer(self, layer, h):
-        return _run_layer(layer, h, self.cos, self.sin, self.positions, self.mask, self.decoder)
+    def layer(self, i: int, h):
+        """Layer i of the model applied to its input h."""
+        return _run_layer(self.decoder.model.layers[i], h, *self.ropes[i], self.positions, self.mask, self.decoder)
 
     def head(self, h):
         return self.decoder.lm_head(self.decoder.model.norm(h))
 
     def from_layer(self, start: int) -> torch.Tensor:
         h = self.inputs[start]
-        for layer in self.decoder.model.layers[start:]:
-            h = self.layer(layer, h)
+        for i in range(start, len(self.decoder.model.layers)):
+            h = self.layer(i, h)
         return self.head(h)
 
     def kl_with(self, name: str, weight: torch.Tensor) -> float:
@@ -72,9 +73,9 @@ class Probe:
                 original = d.model.embed_tokens.weight.data
                 d.model.embed_tokens.weight.data = weight
                 try:
-                    h = d.model.embed_tokens(self.tokens)
-                    for layer in d.model.layers:
-                        h = self.layer(layer, h)
+                    h = d.model.embed(self.tokens)
+                    for i in range(len(d.model.layers)):
+                        h = self.layer(i, h)
                     return _kl(self.head(h), self.logits)
                 finally:
                     d.model.embed_tokens.weight.data = original
@@ -98,7 +99,7 @@ class Probe:
                 hooks = [layer.get_submodule(taps[k]).register_forward_pre_hook(lambda m, a, acc=acc: acc.add(a[0]))
                          for k, acc in accs.items()]
                 try:
-                    self.layer(layer, self.inputs[i])
+                    self.layer(i, self.inputs[i])
                 finally:
                     for h in hooks:
                         h.remove()

@@ -55,7 +55,17 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # XNNPACK rejects symbolic reshape sizes.
     d = x.shape[-1]
     ms = (x * x).view(1, -1, d, 1).mean((2, 3), keepdim=True).view(1, -1, *x.shape[2:-1], 1)
-    return norm.weight * (x * torch.rsqrt(ms + norm.eps))
+    return norm.scale() * (x * torch.rsqrt(ms + norm.eps))
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    # ExecuTorch 1.5's XNNPACK partitioner lowers gelu(approximate="tanh") to XNNPACK's exact (erf) GELU, up to 4.7e-4
+    # off the function Gemma computes (measured here; fixed upstream by pytorch/executorch#22851, after the installed
+    # release). Written out, the tanh form lowers to XNNPACK's tanh and is the function transformers computes.
+    return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * (x * x * x))))
+
+
+_ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": _gelu_tanh}
 
 
 def _rotate_half_matrix(head_dim: int, rope_dim: int) -> torch.Tensor:
@@ -117,6 +127,10 @@ class ExecuTorchDecoder(nn.Module):
         self.model, self.lm_head = tree.model, tree.lm_head
         self.register_buffer("rope_cos", _padded(decoder.rope_cos, spec.head_dim, 1.0), persistent=False)
         self.register_buffer("rope_sin", _padded(decoder.rope_sin, spec.head_dim, 0.0), persistent=False)
+        self.local_rope = decoder.local_rope  # per layer: rotates by the local tables (Gemma 3's sliding layers)
+        if any(self.local_rope):
+            self.register_buffer("rope_cos_local", _padded(decoder.rope_cos_local, spec.head_dim, 1.0), persistent=False)
+            self.register_buffer("rope_sin_local", _padded(decoder.rope_sin_local, spec.head_dim, 0.0), persistent=False)
         self.register_buffer("rotate_half", _rotate_half_matrix(spec.head_dim, spec.rope_dim), persistent=False)
         # per layer, the sliding window narrower than the cache (None: causal over the whole cache, custom_sdpa's own)
         self.windows = [w if w is not None and w < self.max_context else None for w in map(spec.window_of, range(spec.num_layers))]
@@ -134,18 +148,22 @@ class ExecuTorchDecoder(nn.Module):
         torch._check(start >= 0)
         torch._check(start + t <= self.max_context)
         positions = input_pos + torch.arange(t, dtype=torch.int64)
-        cos = self.rope_cos[positions].view(1, -1, 1, hd)
-        sin = self.rope_sin[positions].view(1, -1, 1, hd)
+        ropes = {False: (self.rope_cos[positions].view(1, -1, 1, hd), self.rope_sin[positions].view(1, -1, 1, hd))}
+        if any(self.local_rope):
+            ropes[True] = (self.rope_cos_local[positions].view(1, -1, 1, hd), self.rope_sin_local[positions].view(1, -1, 1, hd))
         causal = causal_mask(positions, self.max_context) if any(self.windows) else None  # only a windowed model needs it
-        x = self.model.embed_tokens(tokens)
+        x = self.model.embed(tokens)
         for i, layer in enumerate(self.model.layers):
-            att, mlp = layer.self_attn, layer.mlp
+            cos, sin = ropes[self.local_rope[i]]
+            att = layer.self_attn
             h = _rms_norm(layer.input_layernorm, x)
             q = att.q_proj(h).view(1, -1, att.num_heads, hd)
             k = att.k_proj(h).view(1, -1, att.num_kv_heads, hd)
             v = att.v_proj(h).view(1, -1, att.num_kv_heads, hd)
             if att.q_norm is not None:
                 q, k = _rms_norm(att.q_norm, q), _rms_norm(att.k_norm, k)
+            if att.q_scale is not None:
+                q = q * att.q_scale
             if att.use_rope:
                 q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
@@ -156,9 +174,8 @@ class ExecuTorchDecoder(nn.Module):
                 o = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0, True)
             else:  # a sliding-window layer: the canonical mask as an explicit [T, C] mask (start unused without is_causal)
                 o = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, windowed(causal, positions, self.windows[i]), 0, False)
-            x = x + att.o_proj(o.view(1, -1, att.num_heads * hd))
-            h = _rms_norm(layer.post_attention_layernorm, x)
-            x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+            x = layer.attention_residual(x, att.o_proj(o.view(1, -1, att.num_heads * hd)), _rms_norm)
+            x = layer.mlp_residual(x, _rms_norm, _ACTIVATIONS[self.spec.hidden_act])
         return self.lm_head(_rms_norm(self.model.norm, x))
 
 

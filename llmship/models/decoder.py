@@ -8,6 +8,7 @@ data-dependent slicing appears in the graph.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -19,15 +20,20 @@ from llmship.models.spec import ModelSpec
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.offset = eps, offset
+
+    def scale(self) -> torch.Tensor:
+        """What the normalised input is multiplied by: the weight, or (offset + weight) where the checkpoint stores
+        it shifted (Gemma's `1 + weight`; kept as stored so the tensors stay the checkpoint's)."""
+        return self.weight + self.offset if self.offset else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.scale() * x32.to(x.dtype)
 
 
 def rope_inv_freq(spec: ModelSpec, max_context: int) -> torch.Tensor:
@@ -70,6 +76,14 @@ def rope_attention_factor(spec: ModelSpec) -> float:
     return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
+def rope_tables(spec: ModelSpec, max_context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [max_context, rope_dim] of every cache position (times LongRoPE's attention factor)."""
+    freqs = torch.outer(torch.arange(max_context, dtype=torch.int64).float(), rope_inv_freq(spec, max_context))
+    emb = torch.cat((freqs, freqs), dim=-1)
+    scale = rope_attention_factor(spec)
+    return emb.cos() * scale, emb.sin() * scale
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -106,14 +120,16 @@ class Attention(nn.Module):
         d, hd = spec.hidden_size, spec.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, hd
         self.use_rope = spec.rope_layers is None or spec.rope_layers[layer]  # False: a NoPE layer (SmolLM3)
-        self.window = spec.window_of(layer)  # a sliding-window layer (Mistral, Qwen2, SmolLM3, Phi-3); None: global
+        self.window = spec.window_of(layer)  # a sliding-window layer (Mistral, Qwen2, SmolLM3, Phi-3, Gemma 3); None: global
+        # Gemma's softmax scale, folded into q: SDPA then applies its own head_dim ** -0.5 (None: that one alone)
+        self.q_scale = None if spec.attn_scale is None else spec.attn_scale * math.sqrt(hd)
         self.q_proj = nn.Linear(d, spec.num_heads * hd, bias=spec.qkv_bias)
         self.k_proj = nn.Linear(d, spec.num_kv_heads * hd, bias=spec.qkv_bias)
         self.v_proj = nn.Linear(d, spec.num_kv_heads * hd, bias=spec.qkv_bias)
         self.o_proj = nn.Linear(spec.num_heads * hd, d, bias=spec.o_bias)
         if spec.qk_norm:
-            self.q_norm = RMSNorm(hd, spec.rms_norm_eps)
-            self.k_norm = RMSNorm(hd, spec.rms_norm_eps)
+            self.q_norm = RMSNorm(hd, spec.rms_norm_eps, spec.norm_offset)
+            self.k_norm = RMSNorm(hd, spec.rms_norm_eps, spec.norm_offset)
         else:
             self.q_norm = self.k_norm = None
 
@@ -125,6 +141,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.q_scale is not None:
+            q = q * self.q_scale
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         return (apply_rope(q, cos, sin), apply_rope(k, cos, sin), v) if self.use_rope else (q, k, v)
 
@@ -158,6 +176,9 @@ class Attention(nn.Module):
         return self.o_proj(out), k_cache, v_cache
 
 
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
 class MLP(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -165,34 +186,66 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(d, f, bias=spec.mlp_bias)
         self.up_proj = nn.Linear(d, f, bias=spec.mlp_bias)
         self.down_proj = nn.Linear(f, d, bias=spec.mlp_bias)
+        self.act = ACTIVATIONS[spec.hidden_act]
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, act=None):
+        """`act` replaces the gate's activation by an equal function an exporter lowers better."""
+        return self.down_proj((act or self.act)(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)). With `spec.sandwich_norms` (Gemma) each branch's
+    output is normalised too, and the norms take Gemma's names: post_attention_layernorm is then the attention's
+    output norm, pre_feedforward_layernorm the MLP's input norm."""
+
     def __init__(self, spec: ModelSpec, layer: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        d, eps, offset = spec.hidden_size, spec.rms_norm_eps, spec.norm_offset
+        self.input_layernorm = RMSNorm(d, eps, offset)
         self.self_attn = Attention(spec, layer)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(d, eps, offset)
         self.mlp = MLP(spec)
+        if spec.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(d, eps, offset)
+            self.post_feedforward_layernorm = RMSNorm(d, eps, offset)
+        self.sandwich = spec.sandwich_norms
+
+    def attention_residual(self, x, h, norm=None):
+        """x plus the attention's output h (normalised first in a sandwich block); `norm(module, x)` computes a norm
+        (default: the module itself; ExecuTorch passes its own lowering-friendly form)."""
+        return x + (self._norm(self.post_attention_layernorm, h, norm) if self.sandwich else h)
+
+    def mlp_residual(self, x, norm=None, act=None):
+        """x plus the MLP branch (`act`: see MLP.forward)."""
+        mlp = lambda h: self.mlp(h, act)  # noqa: E731
+        if not self.sandwich:
+            return x + mlp(self._norm(self.post_attention_layernorm, x, norm))
+        return x + self._norm(self.post_feedforward_layernorm, mlp(self._norm(self.pre_feedforward_layernorm, x, norm)), norm)
+
+    @staticmethod
+    def _norm(module, x, norm):
+        return module(x) if norm is None else norm(module, x)
 
     def forward(self, x, cos, sin, positions, mask, k_cache, v_cache, inplace: bool):
         h, k_cache, v_cache = self.self_attn(self.input_layernorm(x), cos, sin, positions, mask, k_cache, v_cache, inplace)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), k_cache, v_cache
+        return self.mlp_residual(self.attention_residual(x, h)), k_cache, v_cache
 
 
 class Backbone(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.embed_scale = spec.embed_scale
         layers: list[DecoderLayer] = []
         for i in range(spec.num_layers):  # a shared block is one module at two depths (each keeps its own cache)
             layers.append(layers[spec.owner_of(i)] if spec.owner_of(i) != i else DecoderLayer(spec, i))
         self.layers = nn.ModuleList(layers)
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The token embeddings the first layer reads (Gemma scales them; a tied head uses the unscaled matrix)."""
+        x = self.embed_tokens(tokens)
+        return x if self.embed_scale is None else x * self.embed_scale
 
 
 class MobileDecoder(nn.Module):
@@ -212,11 +265,16 @@ class MobileDecoder(nn.Module):
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        freqs = torch.outer(torch.arange(max_context, dtype=torch.int64).float(), rope_inv_freq(spec, max_context))
-        emb = torch.cat((freqs, freqs), dim=-1)
-        scale = rope_attention_factor(spec)
-        self.register_buffer("rope_cos", emb.cos() * scale, persistent=False)  # [max_context, spec.rope_dim]
-        self.register_buffer("rope_sin", emb.sin() * scale, persistent=False)
+        cos, sin = rope_tables(spec, max_context)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [max_context, spec.rope_dim]
+        self.register_buffer("rope_sin", sin, persistent=False)
+        # Gemma 3's sliding-window layers rotate with their own base (no scaling): a second pair of tables
+        self.local_rope = tuple(spec.local_rope_theta is not None and spec.window_of(i) is not None for i in range(spec.num_layers))
+        if any(self.local_rope):
+            local = dataclasses.replace(spec, rope_theta=spec.local_rope_theta, rope_scaling=None)
+            cos, sin = rope_tables(local, max_context)
+            self.register_buffer("rope_cos_local", cos, persistent=False)
+            self.register_buffer("rope_sin_local", sin, persistent=False)
         shape = (1, spec.num_kv_heads, max_context, spec.head_dim)
         for i in range(spec.num_layers):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape, dtype=cache_dtype), persistent=False)
@@ -230,14 +288,20 @@ class MobileDecoder(nn.Module):
         n = self.spec.num_layers
         return [getattr(self, f"k_cache_{i}") for i in range(n)], [getattr(self, f"v_cache_{i}") for i in range(n)]
 
+    def rope(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the (cos, sin) rows [T, rope_dim] at `positions` it rotates by (each table indexed once)."""
+        rows = {False: (self.rope_cos[positions], self.rope_sin[positions])}
+        if any(self.local_rope):
+            rows[True] = (self.rope_cos_local[positions], self.rope_sin_local[positions])
+        return [rows[local] for local in self.local_rope]
+
     def _run(self, tokens, input_pos, k_caches, v_caches, inplace: bool):
         t = tokens.shape[1]
         positions = input_pos.reshape(1).to(torch.int64) + torch.arange(t, dtype=torch.int64)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        mask = causal_mask(positions, self.max_context, cos.dtype)
-        x = self.model.embed_tokens(tokens)
+        mask = causal_mask(positions, self.max_context, self.rope_cos.dtype)
+        x = self.model.embed(tokens)
         new_k, new_v = [], []
-        for layer, kc, vc in zip(self.model.layers, k_caches, v_caches):
+        for layer, (cos, sin), kc, vc in zip(self.model.layers, self.rope(positions), k_caches, v_caches):
             x, kc, vc = layer(x, cos, sin, positions, mask, kc, vc, inplace)
             new_k.append(kc)
             new_v.append(vc)

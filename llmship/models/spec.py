@@ -7,8 +7,12 @@ from llmship.errors import ModelError
 
 # model_type -> family quirks. SmolLM and MobileLLM checkpoints use model_type "llama"; SmolLM3 ("smollm3") is
 # Llama with RoPE left out of some layers (NoPE); Phi-3 and Phi-4-mini ("phi3") fuse q/k/v and gate/up (split on
-# load, weights.py), may rotate only part of each head (partial_rotary_factor) and scale RoPE with LongRoPE.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3")
+# load, weights.py), may rotate only part of each head (partial_rotary_factor) and scale RoPE with LongRoPE. Gemma 3's
+# text model ("gemma3_text") interleaves local (windowed) and global layers with a RoPE base each, normalises with
+# (1 + weight), wraps attention and MLP in norms on both sides, gates with GELU (tanh), scales the embedding by
+# sqrt(hidden) and the attention by query_pre_attn_scalar.
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "gemma3_text")
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 ROPE_SCALINGS = ("linear", "llama3", "longrope")
 
 
@@ -37,6 +41,12 @@ class ModelSpec:
     rotary_dim: int | None = None  # how many leading dims of each head RoPE rotates (Phi's partial rotary); None: all
     # per layer, the layer whose weights it runs (MobileLLM's block sharing, compress/share.py); None: each its own
     shared_layers: tuple[int, ...] | None = None
+    hidden_act: str = "silu"  # the MLP's gate: SwiGLU (silu) or GeGLU (gelu_pytorch_tanh, Gemma)
+    norm_offset: float = 0.0  # RMSNorm scales by (offset + weight): Gemma stores weight - 1
+    sandwich_norms: bool = False  # Gemma: attention and MLP outputs normalised too (post_attention, pre/post_feedforward)
+    embed_scale: float | None = None  # the embedding lookup times this (Gemma: sqrt(hidden_size)); the tied head is not
+    attn_scale: float | None = None  # the attention's softmax scale (Gemma: query_pre_attn_scalar ** -0.5); None: head_dim ** -0.5
+    local_rope_theta: float | None = None  # the RoPE base of the sliding-window layers (Gemma 3); None: rope_theta
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
@@ -69,7 +79,7 @@ class ModelSpec:
         if self.o_bias:
             attn += d
         mlp = 3 * d * f + ((2 * f + d) if self.mlp_bias else 0)
-        norms = 2 * d + (2 * hd if self.qk_norm else 0)
+        norms = (4 if self.sandwich_norms else 2) * d + (2 * hd if self.qk_norm else 0)
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return len(self.weight_layers) * (attn + mlp + norms) + d + embed
 
@@ -148,15 +158,18 @@ def spec_from_config(cfg: dict) -> ModelSpec:
         raise ModelError(
             f"unsupported architecture '{model_type}' ({archs}); supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    act = cfg.get("hidden_act", "silu")
-    if act != "silu":
-        raise ModelError(f"unsupported activation '{act}' for {model_type}; the canonical model implements SwiGLU (silu)")
+    gemma = model_type == "gemma3_text"
+    act = cfg.get("hidden_activation", cfg.get("hidden_act", "gelu_pytorch_tanh")) if gemma else cfg.get("hidden_act", "silu")
+    if act not in ACTIVATIONS:
+        raise ModelError(f"unsupported activation '{act}' for {model_type}; the canonical model gates with {' or '.join(ACTIVATIONS)}")
+    if gemma:
+        _check_gemma(cfg)
     try:
         heads = _integer(cfg, "num_attention_heads")
         hidden = _integer(cfg, "hidden_size")
         if heads < 1 or hidden < 1:
             raise ModelError(f"config.json: num_attention_heads ({heads}) and hidden_size ({hidden}) must be positive")
-        theta, scaling = _rope_settings(cfg)
+        theta, scaling = _rope_settings(_gemma_global_rope(cfg) if gemma else cfg)
         attention_bias = bool(cfg.get("attention_bias", False))
         spec = ModelSpec(
             model_type=model_type,
@@ -175,12 +188,18 @@ def spec_from_config(cfg: dict) -> ModelSpec:
             qkv_bias=True if model_type == "qwen2" else attention_bias,
             o_bias=False if model_type in ("qwen2", "qwen3") else attention_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "gemma3_text"),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             sliding_window=(window := _sliding_window(cfg)),
             sliding_layers=_sliding_layers(cfg) if window is not None else None,
             rope_layers=_rope_layers(cfg) if model_type == "smollm3" else None,
             rotary_dim=_rotary_dim(cfg, hidden // heads) if model_type == "phi3" else None,
+            hidden_act=act,
+            norm_offset=1.0 if gemma else 0.0,
+            sandwich_norms=gemma,
+            embed_scale=hidden ** 0.5 if gemma else None,
+            attn_scale=float(cfg.get("query_pre_attn_scalar", 256)) ** -0.5 if gemma else None,
+            local_rope_theta=_local_rope_theta(cfg) if gemma else None,
             bos_token_id=None if cfg.get("bos_token_id") is None else _as_ids(cfg["bos_token_id"])[0],
             eos_token_ids=_as_ids(cfg.get("eos_token_id")),
         )
@@ -235,7 +254,7 @@ def _rope_layers(cfg: dict) -> tuple[bool, ...]:
 
 
 def _sliding_window(cfg: dict) -> int | None:
-    if cfg.get("model_type") in ("mistral", "phi3") or cfg.get("use_sliding_window"):
+    if cfg.get("model_type") in ("mistral", "phi3", "gemma3_text") or cfg.get("use_sliding_window"):
         window = cfg.get("sliding_window")
         if window is None:
             return None
@@ -262,4 +281,42 @@ def _sliding_layers(cfg: dict) -> tuple[bool, ...] | None:
         return tuple(i >= first for i in range(n))
     if cfg.get("model_type") == "smollm3":
         return tuple(not rope for rope in _rope_layers(cfg))
+    if cfg.get("model_type") == "gemma3_text":  # every `sliding_window_pattern`-th layer global, the rest local
+        pattern = _integer(cfg, "sliding_window_pattern", cfg.get("_sliding_window_pattern", 6))
+        if pattern < 1:
+            raise ModelError(f"config.json field sliding_window_pattern must be positive, got {pattern}")
+        return tuple((i + 1) % pattern != 0 for i in range(n))
     return None
+
+
+def _check_gemma(cfg: dict) -> None:
+    """What of Gemma 3's text model the canonical model does not compute: refused, not approximated."""
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if cfg.get(key) is not None:
+            raise ModelError(f"config.json: {key} {cfg[key]!r:.20} is not supported (Gemma 3 checkpoints leave it null)")
+    if cfg.get("use_bidirectional_attention"):
+        raise ModelError("config.json: use_bidirectional_attention is set (an embedding model, not a causal LM)")
+
+
+def _gemma_global_rope(cfg: dict) -> dict:
+    """The config as `_rope_settings` reads it for Gemma 3's global layers: transformers 5 nests their RoPE under
+    rope_parameters.full_attention; checkpoints give rope_theta (1,000,000 by default) and rope_scaling."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and "full_attention" in params:
+        return dict(cfg, rope_parameters=params["full_attention"])
+    return {**cfg, "rope_theta": cfg.get("rope_theta", 1_000_000.0)}
+
+
+def _local_rope_theta(cfg: dict) -> float:
+    """Gemma 3's RoPE base for its sliding-window layers: transformers 5's rope_parameters.sliding_attention, or the
+    checkpoints' rope_local_base_freq (10,000 when neither is given). Local layers rotate without scaling."""
+    local = (cfg.get("rope_parameters") or {}).get("sliding_attention")
+    if local is not None:
+        if not isinstance(local, dict) or local.get("rope_type", "default") != "default":
+            raise ModelError(f"config.json: rope_parameters.sliding_attention must be default RoPE, got {local!r:.60}")
+        theta = local.get("rope_theta", 10000.0)
+    else:
+        theta = cfg.get("rope_local_base_freq", 10000.0)
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
+        raise ModelError(f"config.json: the local RoPE base must be a positive number, got {theta!r:.40}")
+    return float(theta)

@@ -39,6 +39,8 @@ def expected_weight_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
             shapes.update({p + "mlp.gate_proj.bias": (f,), p + "mlp.up_proj.bias": (f,), p + "mlp.down_proj.bias": (d,)})
         if spec.qk_norm:
             shapes.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
+        if spec.sandwich_norms:
+            shapes.update({p + "pre_feedforward_layernorm.weight": (d,), p + "post_feedforward_layernorm.weight": (d,)})
     return shapes
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -26,6 +27,8 @@ FAMILIES = {
     "phi4mini-partial-longrope": lambda spec: spec.model_type == "phi3" and spec.rotary_dim == 12
     and spec.rope_scaling["rope_type"] == "longrope",
     "mistral": lambda spec: spec.window_of(0) == spec.window_of(1) == 10,  # a window far shorter than the 128 evaluated
+    "gemma3-local-global": lambda spec: spec.model_type == "gemma3_text" and spec.sandwich_norms
+    and [spec.window_of(i) for i in range(3)] == [10, None, 10] and spec.local_rope_theta == 10000.0,
 }
 
 
@@ -56,8 +59,8 @@ def test_each_family_passes_at_fp32_level_parity_on_every_runtime(name, family, 
     p = report["parity"]
     assert p["top1_agreement"] == 1.0 and p["greedy_match"] == p["greedy_total"] > 0, p
     cache = json.loads((tmp_path / name / "manifest.json").read_text())["kv_cache"]
-    windowed = family.spec.model_type == "mistral"
-    assert cache["window_per_layer"] == ([10, 10] if windowed else [None] * family.spec.num_layers), cache
+    windows = {"mistral": [10, 10], "gemma3_text": [10, None, 10]}.get(family.spec.model_type, [None] * family.spec.num_layers)
+    assert cache["window_per_layer"] == windows, cache
     assert cache["length_per_layer"] == [128] * family.spec.num_layers
 
 
@@ -67,10 +70,11 @@ def test_each_family_passes_at_fp32_level_parity_on_every_runtime(name, family, 
     pytest.param("litert-int4", marks=pytest.mark.litert),
     pytest.param("coreml-int4", marks=pytest.mark.coreml),
 ])
-@pytest.mark.parametrize("family", ["phi4mini-partial-longrope"], indirect=True)
-def test_phi_validates_a_4bit_target_on_every_runtime(name, family, tmp_path):
-    """The runtime's 4-bit recipe on the family that changes the most (fused projections quantized as their parts,
-    partial rotary in ExecuTorch's own attention, LongRoPE), calibrated and validated with a full report. The conversion
+@pytest.mark.parametrize("family", ["phi4mini-partial-longrope", "gemma3-local-global"], indirect=True)
+def test_each_family_validates_a_4bit_target_on_every_runtime(name, family, tmp_path):
+    """The runtime's 4-bit recipe on the families that change the most (Phi: fused projections quantized as their
+    parts, partial rotary in ExecuTorch's own attention, LongRoPE; Gemma 3: GeGLU, sandwich norms, two RoPE bases,
+    local and global layers), calibrated and validated with a full report. The conversion
     check (artifact against the compressed reference) is held to its tight limit; the quality gates against FP32 are
     set from SmolLM2 and say little about a random-weight model, so they are reported here, not asserted."""
     import jsonschema
@@ -93,12 +97,16 @@ def test_phi_validates_a_4bit_target_on_every_runtime(name, family, tmp_path):
 FAULTS = {
     "rotates-the-whole-head": ("_rotate_half_matrix", lambda real: lambda head_dim, rope_dim: real(head_dim, head_dim)),
     "ignores-the-window": ("windowed", lambda real: lambda mask, positions, window: mask),
+    # Gemma stores norm weights minus 1: a norm that multiplies by the stored weight alone
+    "forgets-the-norm-offset": ("_rms_norm", lambda real: lambda norm, x: real(SimpleNamespace(scale=lambda: norm.weight,
+                                                                                               eps=norm.eps), x)),
 }
 
 
 @pytest.mark.executorch
 @pytest.mark.parametrize("family,fault", [("phi4mini-partial-longrope", "rotates-the-whole-head"),
-                                          ("mistral", "ignores-the-window")], indirect=["family"])
+                                          ("mistral", "ignores-the-window"),
+                                          ("gemma3-local-global", "forgets-the-norm-offset")], indirect=["family"])
 def test_executorch_attention_missing_the_familys_feature_fails_the_gates(family, fault, tmp_path, monkeypatch):
     from llmship.exporters import executorch as et
 

@@ -188,3 +188,67 @@ def test_fused_projections_are_split_once_and_a_wrong_size_is_named():
     bad["model.layers.0.mlp.gate_up_proj.weight"] = bad["model.layers.0.mlp.gate_up_proj.weight"][:-1]
     with pytest.raises(ModelError, match=r"model.layers.0.mlp.gate_up_proj.weight is \(159, 96\), not the 160 rows"):
         check_weights(loaded.spec, bad, "test")
+
+
+# Gemma-3-270M's config.json as Google publishes it (the checkpoint's field names, before transformers 5's
+# rope_parameters): what `spec_from_config` must read from a real download.
+GEMMA3_270M = dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], vocab_size=262144, hidden_size=640,
+                   intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                   hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256, rms_norm_eps=1e-6,
+                   rope_theta=1000000.0, rope_local_base_freq=10000.0, rope_scaling=None, sliding_window=512,
+                   _sliding_window_pattern=6, attn_logit_softcapping=None, final_logit_softcapping=None,
+                   max_position_embeddings=32768, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1,
+                   layer_types=["sliding_attention"] * 5 + ["full_attention"] + ["sliding_attention"] * 5 + ["full_attention"]
+                   + ["sliding_attention"] * 5 + ["full_attention"])
+
+
+def test_gemma3_270m_config_gives_its_published_shape():
+    from llmship.models.spec import spec_from_config
+
+    spec = spec_from_config(GEMMA3_270M)
+    assert spec.num_params == 268_098_176  # "270M": 168M of it the 262,144 x 640 embedding
+    assert [spec.window_of(i) for i in range(6)] == [512] * 5 + [None]
+    assert (spec.rope_theta, spec.local_rope_theta, spec.attn_scale) == (1e6, 1e4, 256 ** -0.5)
+    assert (spec.hidden_act, spec.norm_offset, spec.sandwich_norms, spec.qk_norm) == ("gelu_pytorch_tanh", 1.0, True, True)
+    assert spec.embed_scale == 640 ** 0.5
+    # without layer_types, transformers' pattern: every sixth layer global
+    no_types = {k: v for k, v in GEMMA3_270M.items() if k != "layer_types"}
+    assert spec_from_config(no_types).sliding_layers == spec.sliding_layers
+
+
+def test_gemma3_config_forms_agree_and_what_is_not_computed_is_refused():
+    from llmship.errors import ModelError
+    from llmship.models.spec import spec_from_config
+
+    hf = hf_model("gemma3-local-global")
+    saved = spec_from_config(hf.config.to_dict())  # transformers 5's nested rope_parameters
+    assert (saved.local_rope_theta, saved.rope_theta, saved.rope_scaling) == (10000.0, 1e6, {"rope_type": "linear", "factor": 2.0})
+    legacy = {k: v for k, v in hf.config.to_dict().items() if k != "rope_parameters"}
+    legacy.update(rope_theta=1e6, rope_local_base_freq=10000.0, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    assert spec_from_config(legacy) == saved
+    for fields, message in (({"final_logit_softcapping": 30.0}, "final_logit_softcapping 30.0 is not supported"),
+                            ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping 50.0 is not supported"),
+                            ({"use_bidirectional_attention": True}, "an embedding model"),
+                            ({"hidden_activation": "relu"}, "unsupported activation 'relu'")):
+        with pytest.raises(ModelError, match=message):
+            spec_from_config({**legacy, **fields})
+
+
+@pytest.mark.parametrize("feature", ["norm_offset", "sandwich_norms", "embed_scale", "attn_scale", "local_rope_theta",
+                                     "hidden_act", "window"])
+def test_each_gemma3_feature_matters(feature):
+    """The parity tests above pass on the Gemma 3 config; each feature switched off in turn is far from transformers,
+    so each is really computed (not a no-op on these random weights)."""
+    import dataclasses
+
+    hf = hf_model("gemma3-local-global")
+    loaded = loaded_from_hf(hf)
+    off = {"norm_offset": 0.0, "sandwich_norms": False, "embed_scale": None, "attn_scale": None,
+           "local_rope_theta": None, "hidden_act": "silu", "window": None}[feature]
+    spec = dataclasses.replace(loaded.spec, **({"sliding_window": off} if feature == "window" else {feature: off}))
+    weights = loaded.weights
+    if feature == "sandwich_norms":  # the block without its extra norms: their tensors go unused
+        weights = {k: v for k, v in weights.items() if "feedforward_layernorm" not in k}
+    ids = torch.randint(3, hf.config.vocab_size, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    ours = chunked_logits(build_decoder(dataclasses.replace(loaded, spec=spec, weights=weights), MAX_CONTEXT), ids, prefill=17)
+    assert (ours - hf_logits(hf, ids)).abs().max().item() > 0.05

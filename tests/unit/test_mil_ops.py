@@ -127,7 +127,7 @@ def test_kernel_matches_coremltools_value_inference(case):
 def test_every_kernel_is_covered_by_a_conformance_test():
     outs = [build(make) for make in CASES.values()]
     tested = {(out[0] if isinstance(out, (list, tuple)) else out).op.op_type for out in outs}
-    independent = {"silu", "scatter", "scatter_nd", "gather_nd", "constexpr_blockwise_shift_scale", "constexpr_lut_to_dense",
+    independent = {"silu", "gelu", "scatter", "scatter_nd", "gather_nd", "constexpr_blockwise_shift_scale", "constexpr_lut_to_dense",
                    "constexpr_affine_dequantize", "constexpr_cast", "constexpr_sparse_to_dense"}
     assert set(KERNELS) - tested - independent == set()
 
@@ -139,6 +139,17 @@ def test_silu_matches_torch():
     x = rand(3, 7)
     got = run_op(build(lambda: mb.silu(x=x)).op)[0]
     np.testing.assert_allclose(got, torch.nn.functional.silu(torch.from_numpy(x)).numpy(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode,approximate", [("EXACT", "none"), ("TANH_APPROXIMATION", "tanh")])
+def test_gelu_matches_torch(mode, approximate):
+    torch = pytest.importorskip("torch")
+    x = 3 * rand(3, 7)
+    got = run_op(build(lambda: mb.gelu(x=x, mode=mode)).op)[0]
+    want = torch.nn.functional.gelu(torch.from_numpy(x), approximate=approximate).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    other = torch.nn.functional.gelu(torch.from_numpy(x), approximate="tanh" if approximate == "none" else "none").numpy()
+    assert np.abs(got - other).max() > 1e-4  # the two modes differ by more than the tolerance: the mode is honoured
 
 
 def test_scatter_is_torch_index_copy():

@@ -56,6 +56,18 @@ for _name, _fn in _UNARY.items():
 
 
 @kernel()
+def gelu(x, mode="EXACT"):
+    x = f32(x)
+    if str(mode) == "TANH_APPROXIMATION":
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+    if str(mode) == "SIGMOID_APPROXIMATION":
+        return x / (1 + np.exp(-1.702 * x))
+    from math import erf
+
+    return (0.5 * x * (1 + np.vectorize(erf, otypes=[np.float64])(x / np.sqrt(2)))).astype(np.float32)
+
+
+@kernel()
 def rsqrt(x, epsilon=1e-12):
     return 1 / np.sqrt(f32(x) + epsilon)
 
