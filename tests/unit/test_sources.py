@@ -109,7 +109,7 @@ def test_pickle_only_checkpoint_is_refused_with_the_reason(tmp_path):
     _expect(tmp_path, "arbitrary code")
 
 
-@pytest.mark.parametrize("model_type,arch", [("gpt2", "GPT2LMHeadModel"), ("gemma3_text", "Gemma3ForCausalLM"), ("mixtral", "MixtralForCausalLM"), ("gemma2", "Gemma2ForCausalLM")])
+@pytest.mark.parametrize("model_type,arch", [("gpt2", "GPT2LMHeadModel"), ("mixtral", "MixtralForCausalLM"), ("gemma2", "Gemma2ForCausalLM"), ("gemma3", "Gemma3ForConditionalGeneration")])
 def test_unsupported_architecture_names_it_and_the_supported_list(tmp_path, model_type, arch):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "architectures": [arch]}))
     _expect(tmp_path, f"'{model_type}'.*supported: llama, mistral, qwen2, qwen3")
