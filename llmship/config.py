@@ -119,6 +119,8 @@ class TargetProfile(Strict):
     runtime: str = ""  # the format's runtime; filled in from the registry
     recipe: Recipe = Recipe()
     kv_cache_dtype: Literal["fp32", "fp16"] = "fp32"
+    # sliding-window layers hold ring buffers of window + max(prefill_lengths) - 1 rows; false: every layer max_context
+    kv_cache_ring: bool = True
     max_context: int = Field(default=512, gt=0, le=131072)  # the static KV cache holds this many positions
     prefill_lengths: tuple[int, ...] = Field(default=(32, 128), max_length=16)
     threads: int = Field(default=2, gt=0, le=256)

@@ -25,10 +25,18 @@ def toolchain_versions(packages: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def ring_chunk(target) -> int | None:
+    """The most tokens one call writes, which sizes the ring buffers of sliding-window layers (None: no ring)."""
+    return max(target.prefill_lengths) if target.kv_cache_ring else None
+
+
 def manifest_body(loaded, target, result) -> dict:
     from llmship.formats import toolchain_packages
 
+    from llmship.models.decoder import cache_lengths
+
     spec = loaded.spec
+    lengths = cache_lengths(spec, target.max_context, ring_chunk(target))
     return {
         "target": target.name,
         "format": target.format,
@@ -60,9 +68,12 @@ def manifest_body(loaded, target, result) -> dict:
             "layout": ["batch=1", "num_kv_heads", "max_context", "head_dim"],
             "shape": [1, spec.num_kv_heads, target.max_context, spec.head_dim],
             "num_layers": spec.num_layers,
-            # every layer's cache holds max_context positions; a sliding-window layer attends to its last `window`
-            # of them (null: the whole cache). A ring buffer of `window` rows is not implemented yet.
-            "length_per_layer": [target.max_context] * spec.num_layers,
+            # the rows each layer's cache holds: max_context, or for a sliding-window layer a ring buffer of
+            # window + max(prefill_lengths) - 1 rows where that is shorter (row = position mod rows); a sliding-window
+            # layer attends to its last `window` positions (null: the whole cache)
+            "length_per_layer": lengths,
+            "max_tokens_per_call": max(target.prefill_lengths) if min(lengths) < target.max_context else target.max_context,
+            "bytes": 2 * sum(lengths) * spec.num_kv_heads * spec.head_dim * (2 if result.kv_cache.get("dtype") == "float16" else 4),
             "window_per_layer": [spec.window_of(i) for i in range(spec.num_layers)],
             **result.kv_cache,
         },
@@ -175,7 +186,8 @@ def export_artifact(loaded, target, out_dir: str | Path, debug: bool = False, in
     with hush():
         record, allocation, compressed = compression_record(loaded, target, module, config)
     decoder = build_decoder(loaded, target.max_context, target.kv_cache_dtype,
-                            weights=record.dequantized_weights(loaded.weights) if record else None)
+                            weights=record.dequantized_weights(loaded.weights) if record else None,
+                            chunk=ring_chunk(target))
     with atomic_directory(out_dir) as tmp:
         try:
             with stage(f"{target.name}: converting"), hush():

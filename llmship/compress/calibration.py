@@ -21,10 +21,9 @@ def sample_sequences(decoder, bos: int | None, count: int, length: int, seed: in
     gen = torch.Generator().manual_seed(seed)
     vocab = decoder.spec.vocab_size
     first = torch.full((count, 1), bos, dtype=torch.int64) if bos is not None else torch.randint(vocab, (count, 1), generator=gen)
-    shape = (count, *decoder.cache_shape[1:])
     dtype = decoder.k_cache_0.dtype
-    ks = [torch.zeros(shape, dtype=dtype) for _ in range(decoder.spec.num_layers)]
-    vs = [torch.zeros(shape, dtype=dtype) for _ in range(decoder.spec.num_layers)]
+    ks = [torch.zeros((count, *shape[1:]), dtype=dtype) for shape in decoder.cache_shapes]
+    vs = [torch.zeros((count, *shape[1:]), dtype=dtype) for shape in decoder.cache_shapes]
     tokens = [first]
     with torch.no_grad():
         for pos in range(length - 1):

@@ -229,8 +229,8 @@ def make_reproducible(package: Path) -> None:
 def _result(job: ExportJob, max_prefill: int) -> ExportResult:
     spec, target, recipe = job.loaded.spec, job.target, job.target.recipe
     logits_dtype = "float16" if recipe.compute == "fp16" else "float32"
-    cache_shape = [1, spec.num_kv_heads, target.max_context, spec.head_dim]
-    states = [tensor_spec(f"{kv}_cache_{i}", "float16", cache_shape, "cache") for i in range(spec.num_layers) for kv in ("k", "v")]
+    states = [tensor_spec(f"{kv}_cache_{i}", "float16", list(shape), "cache")
+              for i, shape in enumerate(job.decoder.cache_shapes) for kv in ("k", "v")]
 
     def entry(name: str, t) -> dict:
         return {"file": PACKAGE, "function": name,

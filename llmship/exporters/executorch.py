@@ -34,7 +34,7 @@ from llmship.compress.grids import Grid, symmetric
 from llmship.compress.plan import EMBEDDING, HEAD, matrix_shapes, module_rules, role, rule_variants
 from llmship.errors import ConfigError
 from llmship.exporters import ExportJob, ExportResult, tensor_spec
-from llmship.models.decoder import causal_mask, windowed
+from llmship.models.decoder import causal_mask, ring_mask, windowed
 
 PTE = "model.pte"
 TIED_COPIES = 2  # a tied embedding/head is stored twice (the lookup's table and XNNPACK's head): what a budget counts
@@ -134,10 +134,10 @@ class ExecuTorchDecoder(nn.Module):
         self.register_buffer("rotate_half", _rotate_half_matrix(spec.head_dim, spec.rope_dim), persistent=False)
         # per layer, the sliding window narrower than the cache (None: causal over the whole cache, custom_sdpa's own)
         self.windows = [w if w is not None and w < self.max_context else None for w in map(spec.window_of, range(spec.num_layers))]
-        shape = (1, decoder.max_context, spec.num_kv_heads, spec.head_dim)
-        for i in range(spec.num_layers):
-            self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
-            self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
+        self.lengths = decoder.cache_lengths  # a sliding-window layer's ring buffer is shorter than max_context
+        for i, rows in enumerate(self.lengths):
+            self.register_buffer(f"k_cache_{i}", torch.zeros(1, rows, spec.num_kv_heads, spec.head_dim), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(1, rows, spec.num_kv_heads, spec.head_dim), persistent=False)
 
     def _rope(self, x, cos, sin):
         return x * cos + F.linear(x, self.rotate_half) * sin
@@ -153,6 +153,7 @@ class ExecuTorchDecoder(nn.Module):
             ropes[True] = (self.rope_cos_local[positions].view(1, -1, 1, hd), self.rope_sin_local[positions].view(1, -1, 1, hd))
         causal = causal_mask(positions, self.max_context) if any(self.windows) else None  # only a windowed model needs it
         x = self.model.embed(tokens)
+        rings = {}  # ring length -> (rows written, mask), computed once for the layers that share it
         for i, layer in enumerate(self.model.layers):
             cos, sin = ropes[self.local_rope[i]]
             att = layer.self_attn
@@ -167,13 +168,22 @@ class ExecuTorchDecoder(nn.Module):
             if att.use_rope:
                 q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
-            torch.ops.llama.update_cache(k, k_cache, start)
-            torch.ops.llama.update_cache(v, v_cache, start)
-            if self.windows[i] is None:
-                # Causal from `start`: query i sees cache positions 0..start+i, what the canonical mask allows.
-                o = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0, True)
-            else:  # a sliding-window layer: the canonical mask as an explicit [T, C] mask (start unused without is_causal)
-                o = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, windowed(causal, positions, self.windows[i]), 0, False)
+            rows = self.lengths[i]
+            if rows < self.max_context:  # a ring buffer: row = position mod rows, the mask from what each row holds
+                if rows not in rings:
+                    rings[rows] = (torch.remainder(positions, rows).view(1, -1), ring_mask(positions, rows, self.windows[i], torch.float32))
+                slots, mask = rings[rows]
+                torch.ops.llama.update_cache_with_indices(k, k_cache, 0, slots)
+                torch.ops.llama.update_cache_with_indices(v, v_cache, 0, slots)
+                o = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, 0, mask, 0, False)
+            else:
+                torch.ops.llama.update_cache(k, k_cache, start)
+                torch.ops.llama.update_cache(v, v_cache, start)
+                if self.windows[i] is None:
+                    # Causal from `start`: query i sees cache positions 0..start+i, what the canonical mask allows.
+                    o = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0, True)
+                else:  # a window inside the cache: the canonical mask as an explicit [T, C] mask (start unused without is_causal)
+                    o = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, windowed(causal, positions, self.windows[i]), 0, False)
             x = layer.attention_residual(x, att.o_proj(o.view(1, -1, att.num_heads * hd)), _rms_norm)
             x = layer.mlp_residual(x, _rms_norm, _ACTIVATIONS[self.spec.hidden_act])
         return self.lm_head(_rms_norm(self.model.norm, x))
@@ -385,8 +395,9 @@ def expected_weight_bytes(spec, record, max_context: int) -> int:
     if spec.tie_word_embeddings:
         linears += _linear_bytes(spec.vocab_size, d, tensors.get(EMBEDDING))
     biases = (q + 2 * kv if spec.qkv_bias else 0) + (d if spec.o_bias else 0) + ((2 * f + d) if spec.mlp_bias else 0)
-    norms = 2 * d + (2 * hd if spec.qk_norm else 0)
-    rest = _embedding_bytes(spec.vocab_size, d, tensors.get(EMBEDDING)) + 4 * d + 4 * (2 * max_context * hd + hd * hd)
+    norms = (4 if spec.sandwich_norms else 2) * d + (2 * hd if spec.qk_norm else 0)
+    tables = 2 if spec.local_rope_theta is not None and spec.sliding_window is not None else 1  # cos/sin per RoPE base
+    rest = _embedding_bytes(spec.vocab_size, d, tensors.get(EMBEDDING)) + 4 * d + 4 * (tables * 2 * max_context * hd + hd * hd)
     return linears + len(spec.weight_layers) * 4 * (biases + norms) + rest
 
 
@@ -466,9 +477,9 @@ def build_pte(decoder, target, record, methods: tuple[str, ...] = ("prefill", "d
     return et.buffer, {"delegates": delegates}
 
 
-def _entry_points(spec, target) -> dict:
-    cache = [tensor_spec(f"{kv}_cache_{i}", "float32", [1, target.max_context, spec.num_kv_heads, spec.head_dim], "cache")
-             for i in range(spec.num_layers) for kv in ("k", "v")]
+def _entry_points(spec, target, lengths: list[int]) -> dict:
+    cache = [tensor_spec(f"{kv}_cache_{i}", "float32", [1, rows, spec.num_kv_heads, spec.head_dim], "cache")
+             for i, rows in enumerate(lengths) for kv in ("k", "v")]
     pos = tensor_spec("input_pos", "int64", [1], "positions")
 
     def entry(method: str, t) -> dict:
@@ -491,7 +502,7 @@ def export(job: ExportJob) -> ExportResult:
             "a tied table only through torchao's shared-embedding kernels, which exclude XNNPACK and are not in this runtime")}
     kv_shape = [1, target.max_context, spec.num_kv_heads, spec.head_dim]
     return ExportResult(
-        entry_points=_entry_points(spec, target),
+        entry_points=_entry_points(spec, target, job.decoder.cache_lengths),
         kv_cache={"held_as": "state", "dtype": "float32", "layout": ["batch=1", "max_context", "num_kv_heads", "head_dim"],
                   "shape": kv_shape, "names": ["k_cache_{layer}", "v_cache_{layer}"],
                   "mechanism": "mutable buffers planned once and shared by every method (share_mutable_buffers)",

@@ -81,9 +81,9 @@ def trace(decoder):
     from llmship.models.decoder import CacheIODecoder
 
     spec, c = decoder.spec, decoder.max_context
-    past = [torch.zeros(decoder.cache_shape) for _ in range(2 * spec.num_layers)]
+    past = [torch.zeros(shape) for shape in decoder.cache_shapes for _ in ("k", "v")]
     args = (torch.zeros((1, 2), dtype=torch.int64), torch.arange(2, dtype=torch.int64)[None], *past)
-    seq = Dim("sequence_length", min=1, max=c)
+    seq = Dim("sequence_length", min=1, max=decoder.max_chunk)
     with torch.no_grad():
         program = torch.export.export(CacheIODecoder(decoder), args, strict=False,
                                       dynamic_shapes=({1: seq}, {1: seq}, tuple([None] * len(past))))
@@ -403,14 +403,18 @@ def export(job: ExportJob) -> ExportResult:
         share_identical_initializers(model)
     model.graph.name = "llmship_decoder"
     data_file = save(model, job.out_dir)
-    (job.out_dir / "genai_config.json").write_text(json.dumps(genai_config(job), indent=2) + "\n")
-    (job.out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(job), indent=2) + "\n")
+    # onnxruntime-genai gives every layer's cache the same length (its max_length): a model with ring-buffer layers
+    # runs on onnxruntime (the manifest's I/O) but is no genai folder
+    genai = all(n == c for n in job.decoder.cache_lengths)
+    if genai:
+        (job.out_dir / "genai_config.json").write_text(json.dumps(genai_config(job), indent=2) + "\n")
+        (job.out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(job), indent=2) + "\n")
     adapters = {"files": oa.write_adapters(job.out_dir, job.loaded.lora, lora_dtype), "select": oa.SELECT,
                 "dtype": lora_dtype} if job.loaded.lora else {}
 
-    cache = [spec.num_kv_heads, c, spec.head_dim]
-    past = [tensor_spec(p % i, "float32", [1, *cache], "cache") for i in range(spec.num_layers) for p in PAST]
-    present = [tensor_spec(p % i, "float32", [1, *cache], "cache") for i in range(spec.num_layers) for p in PRESENT]
+    shapes = [list(shape) for shape in job.decoder.cache_shapes]  # a sliding-window layer's ring buffer: fewer rows
+    past = [tensor_spec(p % i, "float32", shapes[i], "cache") for i in range(spec.num_layers) for p in PAST]
+    present = [tensor_spec(p % i, "float32", shapes[i], "cache") for i in range(spec.num_layers) for p in PRESENT]
 
     def entry(t):
         return {"file": MODEL_FILE, "method": "InferenceSession.run",
@@ -426,11 +430,13 @@ def export(job: ExportJob) -> ExportResult:
         extra={"onnx": {
             "opset": OPSET,
             "external_data": data_file,
-            "position_ids": "input_pos + arange(T): position_ids[0, 0] is the first cache row written; T <= max_context",
+            "position_ids": "input_pos + arange(T): position_ids[0, 0] is the first position written; T <= kv_cache.max_tokens_per_call",
             "tied_embedding": "stored once as the lm_head weight; the embedding gathers from it" if tied else None,
             "quantized_ops": ops,
             "execution_provider": "CPUExecutionProvider",
-            "genai_config": "genai_config.json",
+            "genai_config": "genai_config.json" if genai else None,
+            **({} if genai else {"genai": "not a genai model folder: onnxruntime-genai gives every layer's cache one length, "
+                                          "and this model's sliding-window layers hold ring buffers (kv_cache.length_per_layer)"}),
         }},
         adapters=adapters,
     )

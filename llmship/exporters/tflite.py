@@ -129,11 +129,16 @@ class LiteRTAttention(nn.Module):
         a = self.attn
         b, t, _ = x.shape
         q, k, v = a.project(x, cos, sin)
-        mask = windowed(mask, positions, a.window)
-        zero = torch.zeros([], dtype=torch.int32)
-        start = [zero, zero, positions[0].to(torch.int32).reshape([]), zero]
-        k_cache = self.dynamic_update_slice(k_cache, k.to(k_cache.dtype), start)
-        v_cache = self.dynamic_update_slice(v_cache, v.to(v_cache.dtype), start)
+        ring = k_cache.shape[2] < mask.shape[-1]
+        rows, mask = a.rows_and_mask(positions, mask, k_cache.shape[2])
+        if ring:  # a ring buffer's rows wrap around the end: a scatter writes them (no single slice would)
+            k_cache = k_cache.index_copy(2, rows, k.to(k_cache.dtype))
+            v_cache = v_cache.index_copy(2, rows, v.to(v_cache.dtype))
+        else:
+            zero = torch.zeros([], dtype=torch.int32)
+            start = [zero, zero, positions[0].to(torch.int32).reshape([]), zero]
+            k_cache = self.dynamic_update_slice(k_cache, k.to(k_cache.dtype), start)
+            v_cache = self.dynamic_update_slice(v_cache, v.to(v_cache.dtype), start)
         # Query head h reads KV head h // group, as the canonical expand does: the group's query heads
         # become group * t rows against their one KV head, each block of t rows with the same mask rows.
         group = a.num_heads // a.num_kv_heads
@@ -147,7 +152,8 @@ def sample_inputs(decoder: MobileDecoder, length: int) -> dict[str, torch.Tensor
     """A signature's named inputs (litert-torch names its tensors after the keyword arguments): tokens [1, T] int32,
     input_pos [T] int32 (every token's position, LiteRT-LM's convention), and the caches."""
     dtype = decoder.k_cache_0.dtype
-    caches = {n: torch.zeros(decoder.cache_shape, dtype=dtype) for n in cache_names(decoder.spec.num_layers)}
+    shapes = [shape for shape in decoder.cache_shapes for _ in ("k", "v")]
+    caches = {n: torch.zeros(shape, dtype=dtype) for n, shape in zip(cache_names(decoder.spec.num_layers), shapes)}
     return {"tokens": torch.zeros((1, length), dtype=torch.int32), "input_pos": torch.arange(length, dtype=torch.int32), **caches}
 
 
@@ -177,8 +183,8 @@ def export(job: ExportJob) -> ExportResult:
 def _result(job: ExportJob) -> ExportResult:
     spec, target, recipe = job.loaded.spec, job.target, job.target.recipe
     cache_dtype = "float16" if target.kv_cache_dtype == "fp16" else "float32"
-    caches = [tensor_spec(n, cache_dtype, [1, spec.num_kv_heads, target.max_context, spec.head_dim], "cache")
-              for n in cache_names(spec.num_layers)]
+    shapes = [list(shape) for shape in job.decoder.cache_shapes for _ in ("k", "v")]
+    caches = [tensor_spec(n, cache_dtype, shape, "cache") for n, shape in zip(cache_names(spec.num_layers), shapes)]
 
     def entry(signature: str, t: int) -> dict:
         return {"file": MODEL_FILE, "signature": signature,

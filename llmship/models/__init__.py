@@ -21,9 +21,11 @@ def load_model(source: str) -> "LoadedModel":
 
 
 def build_decoder(loaded: "LoadedModel", max_context: int, cache_dtype: str = "fp32",
-                  weights: "dict[str, torch.Tensor] | None" = None) -> "MobileDecoder":
+                  weights: "dict[str, torch.Tensor] | None" = None, chunk: int | None = None) -> "MobileDecoder":
     """The canonical model for `loaded` with a KV cache of `cache_dtype` ("fp32" or "fp16"); its weights are
-    `loaded.weights` (or `weights`, e.g. a compressed reference's), shared, not copied: a tied matrix stays one tensor."""
+    `loaded.weights` (or `weights`, e.g. a compressed reference's), shared, not copied: a tied matrix stays one tensor.
+    `chunk`: the most tokens a call writes, which lets sliding-window layers hold ring buffers (what artifacts are
+    exported from; None, the reference: every layer's cache holds max_context positions)."""
     import torch
 
     from llmship.errors import ModelError
@@ -37,7 +39,7 @@ def build_decoder(loaded: "LoadedModel", max_context: int, cache_dtype: str = "f
     if cache_bytes > MAX_CACHE_BYTES:
         raise ConfigError(f"max_context {max_context}: the KV cache would take {cache_bytes / 2**30:.1f} GiB for this model "
                           f"(limit {MAX_CACHE_BYTES / 2**30:.0f} GiB); choose a smaller max_context")
-    decoder = MobileDecoder(loaded.spec, max_context, dtype)
+    decoder = MobileDecoder(loaded.spec, max_context, dtype, chunk)
     missing, unexpected = decoder.load_state_dict(weights if weights is not None else loaded.weights, strict=False, assign=True)
     if loaded.spec.tie_word_embeddings:
         decoder.lm_head.weight = decoder.model.embed_tokens.weight

@@ -114,6 +114,31 @@ def windowed(mask: torch.Tensor, positions: torch.Tensor, window: int | None) ->
     return mask.masked_fill(rows <= positions[:, None] - window, float("-inf"))
 
 
+def cache_lengths(spec: ModelSpec, max_context: int, chunk: int | None) -> list[int]:
+    """Per layer, the positions its KV cache holds: `max_context`, or for a sliding-window layer a ring buffer of
+    window + chunk - 1 rows when that is shorter. A chunk of T <= `chunk` tokens is written before it is attended
+    to, so its first query still needs the window - 1 positions before the chunk: window + T - 1 rows. `chunk`
+    None: every layer holds `max_context` (the eager reference)."""
+    out = []
+    for i in range(spec.num_layers):
+        window = spec.window_of(i)
+        ring = None if window is None or chunk is None else window + chunk - 1
+        out.append(max_context if ring is None or ring >= max_context else ring)
+    return out
+
+
+def ring_mask(positions: torch.Tensor, length: int, window: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask [T, length] of a ring-buffer cache once the chunk at `positions` is written. Row r holds the
+    latest position p <= last with p = r (mod length), p = last - ((last - r) mod length); a query at q sees it when
+    it is written (p >= 0), not ahead of q and inside q's window (q - window < p <= q)."""
+    last = positions[-1]
+    held = (last - torch.remainder(last - torch.arange(length, dtype=torch.int64), length))[None, :]
+    q = positions[:, None]
+    mask = torch.zeros((positions.shape[0], length), dtype=dtype)
+    # three fills rather than one of a combined condition: Core ML's converter has no boolean `and`
+    return mask.masked_fill(held > q, float("-inf")).masked_fill(held <= q - window, float("-inf")).masked_fill(held < 0, float("-inf"))
+
+
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec, layer: int):
         super().__init__()
@@ -146,23 +171,32 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         return (apply_rope(q, cos, sin), apply_rope(k, cos, sin), v) if self.use_rope else (q, k, v)
 
+    def rows_and_mask(self, positions, mask, length: int):
+        """Where the new keys go in a cache of `length` rows, and the additive mask [T, length] to attend with: the
+        cache rows at the positions themselves (a full cache, narrowed to the window, if any), or a ring buffer's
+        rows (positions mod length) when the cache is shorter than the context."""
+        if length < mask.shape[-1]:
+            return torch.remainder(positions, length), ring_mask(positions, length, self.window, mask.dtype)
+        return positions, windowed(mask, positions, self.window)
+
     def forward(self, x, cos, sin, positions, mask, k_cache, v_cache, inplace: bool):
         b, t, _ = x.shape
         q, k, v = self.project(x, cos, sin)
-        mask = windowed(mask, positions, self.window)
+        length, ring = k_cache.shape[2], k_cache.shape[2] < mask.shape[-1]
+        rows, mask = self.rows_and_mask(positions, mask, length)
         if inplace:
-            k_cache.index_copy_(2, positions, k.to(k_cache.dtype))
-            v_cache.index_copy_(2, positions, v.to(v_cache.dtype))
+            k_cache.index_copy_(2, rows, k.to(k_cache.dtype))
+            v_cache.index_copy_(2, rows, v.to(v_cache.dtype))
         else:
-            k_cache = k_cache.index_copy(2, positions, k.to(k_cache.dtype))
-            v_cache = v_cache.index_copy(2, positions, v.to(v_cache.dtype))
+            k_cache = k_cache.index_copy(2, rows, k.to(k_cache.dtype))
+            v_cache = v_cache.index_copy(2, rows, v.to(v_cache.dtype))
         group = self.num_heads // self.num_kv_heads
         if not torch.compiler.is_exporting():
             # Eager (the reference, calibration): the same function without its export-friendly form. Attend only
             # to the positions written so far (the mask hides the rest anyway) and let SDPA share each KV head
             # across its query group instead of copying the cache per query head every step: most of the
             # reference's time at SmolLM2's shapes went into that copy.
-            end = int(positions[-1]) + 1
+            end = length if ring else int(positions[-1]) + 1  # in a ring every row may be live
             out = F.scaled_dot_product_attention(q, k_cache[:, :, :end].to(q.dtype), v_cache[:, :, :end].to(q.dtype),
                                                  attn_mask=mask[:, :end], enable_gqa=group > 1)
             return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)), k_cache, v_cache
@@ -256,11 +290,15 @@ class MobileDecoder(nn.Module):
     what ONNX and TFLite carry as inputs and outputs. Both compute the same function.
     """
 
-    def __init__(self, spec: ModelSpec, max_context: int, cache_dtype: torch.dtype = torch.float32):
+    def __init__(self, spec: ModelSpec, max_context: int, cache_dtype: torch.dtype = torch.float32, chunk: int | None = None):
         super().__init__()
         if max_context < 1:
             raise ConfigError(f"max_context must be positive, got {max_context}")
         self.spec, self.max_context = spec, max_context
+        # per layer, the rows of its cache (`cache_lengths`): a sliding-window layer of an artifact that never writes
+        # more than `chunk` tokens at once holds a ring buffer; `chunk` None (the reference): every layer max_context
+        self.chunk = chunk
+        self.cache_lengths = cache_lengths(spec, max_context, chunk)
         self.model = Backbone(spec)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
@@ -275,14 +313,20 @@ class MobileDecoder(nn.Module):
             cos, sin = rope_tables(local, max_context)
             self.register_buffer("rope_cos_local", cos, persistent=False)
             self.register_buffer("rope_sin_local", sin, persistent=False)
-        shape = (1, spec.num_kv_heads, max_context, spec.head_dim)
-        for i in range(spec.num_layers):
+        for i, shape in enumerate(self.cache_shapes):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape, dtype=cache_dtype), persistent=False)
             self.register_buffer(f"v_cache_{i}", torch.zeros(shape, dtype=cache_dtype), persistent=False)
 
     @property
-    def cache_shape(self) -> tuple[int, int, int, int]:
-        return (1, self.spec.num_kv_heads, self.max_context, self.spec.head_dim)
+    def max_chunk(self) -> int:
+        """The most tokens one call may write: `chunk` when a layer holds a ring buffer (its rows assume no more),
+        else max_context."""
+        return self.chunk if any(n < self.max_context for n in self.cache_lengths) else self.max_context
+
+    @property
+    def cache_shapes(self) -> list[tuple[int, int, int, int]]:
+        """Per layer, its K (and V) cache's shape [1, kv_heads, rows, head_dim]."""
+        return [(1, self.spec.num_kv_heads, n, self.spec.head_dim) for n in self.cache_lengths]
 
     def caches(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         n = self.spec.num_layers
@@ -318,6 +362,8 @@ class MobileDecoder(nn.Module):
     def _check(self, t: int, input_pos: int) -> None:
         if t < 1:
             raise ConfigError("prefill needs at least one token")
+        if t > self.max_chunk:
+            raise ConfigError(f"{t} tokens in one call: the ring-buffer caches of this model take at most {self.max_chunk}")
         if input_pos < 0 or input_pos + t > self.max_context:
             raise ConfigError(
                 f"positions {input_pos}..{input_pos + t - 1} do not fit the KV cache of max_context {self.max_context}"

@@ -25,7 +25,7 @@ def export_stateful(decoder: MobileDecoder, max_prefill: int, token_dtype=torch.
 
 
 def cache_inputs(decoder: MobileDecoder, dtype=torch.float32) -> list[torch.Tensor]:
-    return [torch.zeros(decoder.cache_shape, dtype=dtype) for _ in range(2 * decoder.spec.num_layers)]
+    return [torch.zeros(shape, dtype=dtype) for shape in decoder.cache_shapes for _ in ("k", "v")]
 
 
 def export_cache_io(decoder: MobileDecoder, prefill_len: int | None, token_dtype=torch.int64) -> ExportedProgram:
@@ -35,7 +35,7 @@ def export_cache_io(decoder: MobileDecoder, prefill_len: int | None, token_dtype
     args = (*example_tokens(t, token_dtype), *cache_inputs(decoder))
     dynamic = None
     if prefill_len is None:
-        seq = Dim("seq_len", min=1, max=decoder.max_context)
+        seq = Dim("seq_len", min=1, max=decoder.max_chunk)
         dynamic = ({1: seq}, None, tuple([None] * (2 * decoder.spec.num_layers)))
     with torch.no_grad():
         return torch.export.export(module, args, dynamic_shapes=dynamic, strict=False)

@@ -53,7 +53,8 @@ def family(request, tmp_path_factory):
 ])
 def test_each_family_passes_at_fp32_level_parity_on_every_runtime(name, family, tmp_path):
     config = BuildConfig.model_validate({"model": family.source, "evaluation": {"tokens": 128, "latency_runs": 2}})
-    target = TargetProfile.model_validate({**get_profile(name).model_dump(), "max_context": 128, "prefill_lengths": (16,)})
+    target = TargetProfile.model_validate({**get_profile(name).model_dump(), "max_context": 128, "prefill_lengths": (16,),
+                                           "kv_cache_ring": True})  # ONNX's targets keep full caches for genai by default
     report = validate_artifact(export_artifact(family, target, tmp_path / name, config=config), config, loaded=family)
     assert report["passed"], [g for g in report["gates"] if not g["passed"]]
     p = report["parity"]
@@ -61,7 +62,19 @@ def test_each_family_passes_at_fp32_level_parity_on_every_runtime(name, family, 
     cache = json.loads((tmp_path / name / "manifest.json").read_text())["kv_cache"]
     windows = {"mistral": [10, 10], "gemma3_text": [10, None, 10]}.get(family.spec.model_type, [None] * family.spec.num_layers)
     assert cache["window_per_layer"] == windows, cache
-    assert cache["length_per_layer"] == [128] * family.spec.num_layers
+    # a sliding-window layer holds a ring buffer of window + 16 - 1 rows (16: the longest prefill chunk), not 128
+    assert cache["length_per_layer"] == [128 if w is None else w + 15 for w in windows], cache
+    full = 2 * 128 * family.spec.num_layers * family.spec.num_kv_heads * family.spec.head_dim * (2 if name == "coreml-fp16" else 4)
+    assert (cache["bytes"] < full) == (windows != [None] * family.spec.num_layers), (cache["bytes"], full)
+    if cache["bytes"] < full:  # a ring sized for 16-token chunks: the runner refuses a longer one, it does not wrap it
+        from llmship.errors import ConfigError
+        from llmship.manifest import read_manifest
+        from llmship.validation.runners import open_runner
+
+        runner = open_runner(tmp_path / name, read_manifest(tmp_path / name))
+        with pytest.raises(ConfigError, match="take at most 16"):
+            runner.prefill(list(range(3, 20)), 0)
+        runner.close()
 
 
 @pytest.mark.parametrize("name", [

@@ -252,3 +252,32 @@ def test_each_gemma3_feature_matters(feature):
     ids = torch.randint(3, hf.config.vocab_size, (40,), generator=torch.Generator().manual_seed(1)).tolist()
     ours = chunked_logits(build_decoder(dataclasses.replace(loaded, spec=spec, weights=weights), MAX_CONTEXT), ids, prefill=17)
     assert (ours - hf_logits(hf, ids)).abs().max().item() > 0.05
+
+
+def _chunked(decoder, ids, chunk, check=True):
+    outs = []
+    for pos in range(0, len(ids), chunk):
+        part = torch.tensor([ids[pos:pos + chunk]])
+        outs.append(decoder.prefill(part, pos) if check else decoder(part, torch.tensor([pos]))[0])
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("family", ["gemma3-local-global", "mistral", "qwen2-bias"])
+def test_sliding_window_layers_hold_ring_buffers_that_match_transformers(family):
+    """An artifact's decoder (chunk set) keeps window + chunk - 1 rows in each sliding-window layer and max_context in
+    the others; over 60 tokens (6x the window) in chunks of 1, 4 and 7 it matches transformers. One row fewer than
+    that sizing (a chunk of 4 written into a ring sized for 3) overwrites keys the chunk's first queries still need."""
+    hf = hf_model(family)
+    loaded = loaded_from_hf(hf)
+    ids = torch.randint(3, hf.config.vocab_size, (60,), generator=torch.Generator().manual_seed(1)).tolist()
+    ref = hf_logits(hf, ids)
+    windows = [loaded.spec.window_of(i) for i in range(loaded.spec.num_layers)]
+    assert build_decoder(loaded, MAX_CONTEXT).cache_lengths == [MAX_CONTEXT] * len(windows)  # the reference: no ring
+    for chunk in (1, 4, 7):
+        decoder = build_decoder(loaded, MAX_CONTEXT, chunk=chunk)
+        assert decoder.cache_lengths == [MAX_CONTEXT if w is None else w + chunk - 1 for w in windows]
+        assert (_chunked(decoder, ids, chunk) - ref).abs().max().item() <= 1e-4
+    short = build_decoder(loaded, MAX_CONTEXT, chunk=3)
+    with pytest.raises(ConfigError, match="take at most 3"):
+        short.prefill(torch.tensor([ids[:4]]), 0)
+    assert (_chunked(short, ids, 4, check=False) - ref).abs().max().item() > 0.05

@@ -77,10 +77,18 @@ class EntryIO:
                    tuple(t["name"] for t in caches_in), tuple(t["name"] for t in by_role("outputs", "cache")), tuple(caches_in))
 
 
-def check_positions(t: int, input_pos: int, max_context: int) -> None:
-    """Every runner's range check: T >= 1 tokens at positions input_pos.. inside the KV cache."""
+def max_tokens_per_call(manifest: dict) -> int | None:
+    """How many tokens one call may write (a ring-buffer cache's rows assume no more); None: any that fit."""
+    return (manifest.get("kv_cache") or {}).get("max_tokens_per_call")
+
+
+def check_positions(t: int, input_pos: int, max_context: int, max_tokens: int | None = None) -> None:
+    """Every runner's range check: T >= 1 tokens at positions input_pos.. inside the KV cache, and no more tokens in
+    one call than the artifact's ring buffers allow."""
     if t < 1:
         raise ConfigError("prefill needs at least one token")
+    if max_tokens is not None and t > max_tokens:
+        raise ConfigError(f"{t} tokens in one call: this artifact's ring-buffer caches take at most {max_tokens}")
     if input_pos < 0 or input_pos + t > max_context:
         raise ConfigError(f"positions {input_pos}..{input_pos + t - 1} do not fit the KV cache of max_context {max_context}")
 

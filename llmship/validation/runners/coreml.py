@@ -14,7 +14,7 @@ import numpy as np
 
 from llmship.errors import require
 from llmship.manifest import artifact_file
-from llmship.validation.runners import EntryIO, check_positions
+from llmship.validation.runners import EntryIO, check_positions, max_tokens_per_call
 
 REFERENCE_NOTE = ("Apple's Core ML runtime was not run (it exists only on Apple platforms): the reference executor "
                   "proves the serialized ML program computes the right function; it does not prove what Apple's "
@@ -36,11 +36,12 @@ class _CoreMLBase:
         self.functions = {name: entries[name].get("function", name) for name in ("prefill", "decode")}
         self.io = {name: EntryIO.of(manifest, name) for name in ("prefill", "decode")}
         self.max_context = int(manifest["max_context"])
+        self.max_tokens = max_tokens_per_call(manifest)
         self.max_prefill = int(max(manifest["prefill_lengths"]))
 
     def prefill(self, tokens: Sequence[int], input_pos: int) -> np.ndarray:
         tokens = [int(t) for t in tokens]
-        check_positions(len(tokens), input_pos, self.max_context)
+        check_positions(len(tokens), input_pos, self.max_context, self.max_tokens)
         # A prompt longer than the prefill function's range goes in chunks, as an app would feed it.
         chunks = []
         for start in range(0, len(tokens), self.max_prefill):

@@ -9,7 +9,7 @@ import numpy as np
 
 from llmship.errors import ConfigError, require
 from llmship.manifest import artifact_file
-from llmship.validation.runners import EntryIO, check_positions
+from llmship.validation.runners import EntryIO, check_positions, max_tokens_per_call
 
 INSTALL = "pip install executorch==1.5.1"
 
@@ -31,6 +31,7 @@ class ExecuTorchRunner:
         entry = manifest["entry_points"]
         self.max_prefill = max(manifest["prefill_lengths"])
         self.max_context = manifest["max_context"]
+        self.max_tokens = max_tokens_per_call(manifest)
         # Inputs are positional in ExecuTorch: the manifest's order (tokens, positions) is the method's order.
         for name in ("prefill", "decode"):
             names = [t.get("role", default) for t, default in zip(entry[name]["inputs"], ("tokens", "positions"))]
@@ -44,7 +45,7 @@ class ExecuTorchRunner:
         self.executor = f"executorch {version('executorch')} XnnpackBackend ({self.threads} threads)"
 
     def _run(self, method, tokens: Sequence[int], input_pos: int) -> np.ndarray:
-        check_positions(len(tokens), input_pos, self.max_context)
+        check_positions(len(tokens), input_pos, self.max_context, self.max_tokens)
         torch = self._torch
         ids = torch.tensor([list(tokens)], dtype=torch.int64)
         (logits,) = method.execute([ids, torch.tensor([input_pos], dtype=torch.int64)])

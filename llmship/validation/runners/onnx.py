@@ -18,7 +18,7 @@ import numpy as np
 
 from llmship.errors import require
 from llmship.manifest import artifact_file
-from llmship.validation.runners import EntryIO, check_positions
+from llmship.validation.runners import EntryIO, check_positions, max_tokens_per_call
 
 
 class OnnxRunner:
@@ -35,6 +35,7 @@ class OnnxRunner:
         self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
         self.executor = f"onnxruntime {ort.__version__} CPUExecutionProvider"
         self.max_context = int(manifest["max_context"])
+        self.max_tokens = max_tokens_per_call(manifest)
         self.caches = []  # (past name, present name, numpy buffer, OrtValue over that buffer)
         for past, present, spec in zip(io.cache_inputs, io.cache_outputs, io.cache_specs):
             buffer = np.zeros(spec["shape"], dtype=np.dtype(spec["dtype"]))
@@ -63,7 +64,7 @@ class OnnxRunner:
 
     def prefill(self, tokens: Sequence[int], input_pos: int) -> np.ndarray:
         t = len(tokens)
-        check_positions(t, input_pos, self.max_context)
+        check_positions(t, input_pos, self.max_context, self.max_tokens)
         self.binding.bind_cpu_input(self.io.tokens, np.asarray([tokens], dtype=np.int64))
         self.binding.bind_cpu_input(self.io.positions, np.arange(input_pos, input_pos + t, dtype=np.int64)[None])
         self.binding.bind_output(self.io.logits, "cpu")  # unallocated again: T varies between calls
