@@ -24,6 +24,8 @@ A prompt chunk shorter than T is padded; see `extra.litert.padding` in the manif
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -143,7 +145,14 @@ class LiteRTAttention(nn.Module):
         # become group * t rows against their one KV head, each block of t rows with the same mask rows.
         group = a.num_heads // a.num_kv_heads
         q = q.reshape(b, a.num_kv_heads, group * t, a.head_dim)
-        out = F.scaled_dot_product_attention(q, k_cache.to(q.dtype), v_cache.to(q.dtype), attn_mask=mask.repeat(group, 1))
+        if a.use_rope:
+            out = F.scaled_dot_product_attention(q, k_cache.to(q.dtype), v_cache.to(q.dtype), attn_mask=mask.repeat(group, 1))
+        else:
+            # A NoPE layer (SmolLM3): SDPA's scaling of q would be folded into q_proj's weight by the converter (no RoPE
+            # op stands between them), and that weight then matches no matrix of the model or of the compression
+            # record. Scaling the scores instead keeps q_proj's weight as it is; the same function.
+            scores = torch.matmul(q, k_cache.to(q.dtype).transpose(-1, -2)) * (1.0 / math.sqrt(a.head_dim))
+            out = torch.matmul(torch.softmax(scores + mask.repeat(group, 1), dim=-1), v_cache.to(q.dtype))
         out = out.reshape(b, a.num_heads, t, a.head_dim).transpose(1, 2).reshape(b, t, a.num_heads * a.head_dim)
         return a.o_proj(out), k_cache, v_cache
 
