@@ -125,6 +125,11 @@ def cmd_inspect(args) -> int:
     print(f"context     max_context {m['max_context']}, prefill lengths {m['prefill_lengths']}")
     kv = m["kv_cache"]
     print(f"kv cache    held as {kv['held_as']}, {kv['dtype']}, {kv['num_layers']} layers x K,V {kv['shape']}")
+    lengths = kv.get("length_per_layer") or []
+    if any(n < m["max_context"] for n in lengths):
+        rings = sorted({n for n in lengths if n < m["max_context"]})
+        print(f"            ring buffers: {sum(n < m['max_context'] for n in lengths)} sliding-window layers of {rings} rows, "
+              f"{kv.get('bytes', 0):,} bytes in all; at most {kv.get('max_tokens_per_call')} tokens per call")
     print(f"tokens      vocab {m['model']['vocab_size']}, bos {m['model']['bos_token_id']}, eos {m['model']['eos_token_ids']}")
     for name, ep in m["entry_points"].items():
         ins = ", ".join(f"{t['name']}{t['shape']}" for t in ep["inputs"][:3])

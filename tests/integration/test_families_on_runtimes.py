@@ -1,6 +1,7 @@
 """The families beyond Llama's layout on every runtime: SmolLM3's NoPE layers (no RoPE in every second layer here),
-Phi-4-mini's shape of Phi-3 (fused projections, partial rotary, LongRoPE) and Mistral's sliding window (10 positions
-in a cache of 128). Each is a random-weight model saved in
+Phi-4-mini's shape of Phi-3 (fused projections, partial rotary, LongRoPE), Mistral's sliding window (10 positions,
+evaluated over 128, held in ring buffers of 25 rows) and Gemma 3 (local and global layers, sandwich norms, GeGLU,
+two RoPE bases). Each is a random-weight model saved in
 Hugging Face layout, loaded from disk, exported to each runtime's fp32/fp16 target and validated on that runtime
 against the canonical model, which matches transformers' own (tests/unit/test_decoder_parity.py)."""
 from __future__ import annotations
@@ -52,7 +53,7 @@ def family(request, tmp_path_factory):
     pytest.param("litert-fp32", marks=pytest.mark.litert),
     pytest.param("coreml-fp16", marks=pytest.mark.coreml),
 ])
-def test_each_family_passes_at_fp32_level_parity_on_every_runtime(name, family, tmp_path):
+def test_each_family_passes_at_fp32_level_parity_on_every_runtime(name, family, tmp_path, capsys):
     config = BuildConfig.model_validate({"model": family.source, "evaluation": {"tokens": 128, "latency_runs": 2}})
     target = TargetProfile.model_validate({**get_profile(name).model_dump(), "max_context": 128, "prefill_lengths": (16,),
                                            "kv_cache_ring": True})  # ONNX's targets keep full caches for genai by default
@@ -82,6 +83,12 @@ def test_each_family_passes_at_fp32_level_parity_on_every_runtime(name, family, 
             want = np.concatenate([runner.prefill(ids[:16], 0), runner.prefill(ids[16:], 16)])
             assert np.abs(got - want).max() <= 1e-5
         runner.close()
+        from llmship.cli import main
+
+        capsys.readouterr()
+        assert main(["inspect", str(tmp_path / name)]) == 0
+        rings = sum(w is not None for w in windows)
+        assert f"ring buffers: {rings} sliding-window layers of [25] rows, {cache['bytes']:,} bytes" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name", [

@@ -281,3 +281,15 @@ def test_sliding_window_layers_hold_ring_buffers_that_match_transformers(family)
     with pytest.raises(ConfigError, match="take at most 3"):
         short.prefill(torch.tensor([ids[:4]]), 0)
     assert (_chunked(short, ids, 4, check=False) - ref).abs().max().item() > 0.05
+
+
+def test_gemma3_270m_ring_buffers_hold_less_than_half_the_cache_at_2048():
+    """The figure the README states: Gemma-3-270M's shapes, max_context 2048, prefill chunks of 128."""
+    from llmship.models.decoder import cache_lengths
+    from llmship.models.spec import spec_from_config
+
+    spec = spec_from_config(GEMMA3_270M)
+    lengths = cache_lengths(spec, 2048, 128)
+    assert sorted(set(lengths)) == [639, 2048] and lengths.count(639) == 15
+    row = 2 * spec.num_kv_heads * spec.head_dim * 4  # K and V, fp32
+    assert (sum(lengths) * row, 18 * 2048 * row) == (32_212_992, 75_497_472)
