@@ -227,7 +227,7 @@ def make_reproducible(package: Path) -> None:
 
 
 def _result(job: ExportJob, max_prefill: int) -> ExportResult:
-    spec, target, recipe = job.loaded.spec, job.target, job.target.recipe
+    spec, recipe = job.loaded.spec, job.target.recipe
     logits_dtype = "float16" if recipe.compute == "fp16" else "float32"
     states = [tensor_spec(f"{kv}_cache_{i}", "float16", list(shape), "cache")
               for i, shape in enumerate(job.decoder.cache_shapes) for kv in ("k", "v")]

@@ -80,7 +80,7 @@ def trace(decoder):
 
     from llmship.models.decoder import CacheIODecoder
 
-    spec, c = decoder.spec, decoder.max_context
+    spec = decoder.spec
     past = [torch.zeros(shape) for shape in decoder.cache_shapes for _ in ("k", "v")]
     args = (torch.zeros((1, 2), dtype=torch.int64), torch.arange(2, dtype=torch.int64)[None], *past)
     seq = Dim("sequence_length", min=1, max=decoder.max_chunk)

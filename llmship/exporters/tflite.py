@@ -35,7 +35,7 @@ from llmship.errors import ConfigError
 from llmship.exporters import ExportJob, ExportResult, tensor_spec
 from llmship.exporters import tflite_weights as tw
 from llmship.exporters.tflite_weights import weight_plan  # noqa: F401  (the registry's entry point)
-from llmship.models.decoder import CacheIODecoder, MobileDecoder, cache_names, windowed, with_attention
+from llmship.models.decoder import CacheIODecoder, MobileDecoder, cache_names, with_attention
 
 MODEL_FILE = "model.tflite"
 INT4_BLOCK_SIZES = (32, 64, 128, 256)  # what litert-torch's generative recipes (and XNNPACK) support
