@@ -52,6 +52,7 @@ def family(request, tmp_path_factory):
     pytest.param("onnx-fp32", marks=pytest.mark.onnx),
     pytest.param("litert-fp32", marks=pytest.mark.litert),
     pytest.param("coreml-fp16", marks=pytest.mark.coreml),
+    "pytorch-fp32",  # the canonical model's own format: its runner builds the decoder the manifest describes
 ])
 def test_each_family_passes_at_fp32_level_parity_on_every_runtime(name, family, tmp_path, capsys):
     config = BuildConfig.model_validate({"model": family.source, "evaluation": {"tokens": 128, "latency_runs": 2}})

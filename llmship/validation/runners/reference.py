@@ -63,4 +63,5 @@ def load_pytorch_artifact(artifact_dir: Path, manifest: dict) -> MobileDecoder:
     weights = read_safetensors([artifact_file(artifact_dir, manifest, manifest["entry_points"]["prefill"]["file"])])
     check_weights(spec, weights, str(artifact_dir))
     loaded = LoadedModel(str(artifact_dir), config, spec, weights, None)
-    return build_decoder(loaded, manifest["max_context"])
+    ring = any(n < manifest["max_context"] for n in manifest["kv_cache"].get("length_per_layer") or [])
+    return build_decoder(loaded, manifest["max_context"], chunk=max(manifest["prefill_lengths"]) if ring else None)
