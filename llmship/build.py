@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 from llmship.errors import ConfigError
@@ -137,7 +138,8 @@ def build(config, only: list[str] | None = None, baseline: str | None = None, de
         write_resolved(config, profiles, out / BUILD_MARK)
     except OSError as exc:
         raise OutputError(f"cannot write to output directory {root}: {exc.strerror or exc}") from None
-    reports = {}
+    reports, times = {}, {}  # target -> (export s, validate s); None where the step did not run
+    started = time.perf_counter()
     for i, (target, artifact, key, report, twin) in enumerate(plan, 1):
         step = f"[{i}/{len(plan)}] {target.name}"
         if report is not None:
@@ -153,14 +155,22 @@ def build(config, only: list[str] | None = None, baseline: str | None = None, de
             report = smallest(loaded, target, config, artifact, debug=debug, inputs_sha256=key)
         else:
             say(f"{step}: exporting ({target.format}, weights {target.recipe.weights})")
+            t0 = time.perf_counter()
             export_artifact(loaded, target, artifact, debug=debug, inputs_sha256=key, config=config)
             say(f"{step}: validating")
+            t1 = time.perf_counter()
             report = validate_artifact(artifact, config, baseline=baseline and Path(baseline) / target.name, loaded=loaded)
+            times[target.name] = (t1 - t0, time.perf_counter() - t1)
         reports[target.name] = report
     render_reports([root], root)
     if platform:
         write_index(out / PLATFORM_ROOTS[platform], platform)
     say(f"reports: {root / 'report.md'}, {root / 'report.html'}, {root / 'junit.xml'}")
+    for name in reports:
+        export_s, validate_s = times.get(name, (None, None))
+        say(f"time: {name:<20} " + (f"export {export_s:7.1f} s  validate {validate_s:7.1f} s" if export_s is not None
+                                    else "reused (up to date, copied or searched)"))
+    say(f"time: total {time.perf_counter() - started:.1f} s for {len(reports)} target(s)")
     return 0 if all(r["passed"] for r in reports.values()) else 1
 
 

@@ -34,6 +34,9 @@ def test_android_layout_index_and_incremental_rebuild(tmp_path):
     first = llmship("build", cfg, "--platform", "android", "--out", out)
     t_first = time.perf_counter() - t0
     assert first.returncode == 0, first.stderr
+    # the closing timing lines: each target's export and validate seconds, then the total
+    assert re.search(r"time: pytorch-fp32 +export +\d+\.\d s  validate +\d+\.\d s", first.stdout), first.stdout
+    assert re.search(r"time: total \d+\.\d s for 1 target", first.stdout)
     root = out / "android" / "assets" / "llmship"
     artifact = root / "tiny" / "pytorch-fp32"
     index = json.loads((root / "index.json").read_text())
@@ -49,6 +52,7 @@ def test_android_layout_index_and_incremental_rebuild(tmp_path):
     second = llmship("build", cfg, "--platform", "android", "--out", out)
     t_second = time.perf_counter() - t0
     assert second.returncode == 0 and "up to date" in second.stdout and "exporting" not in second.stdout
+    assert "time: pytorch-fp32         reused" in second.stdout
     assert (artifact / "manifest.json").stat().st_mtime_ns == stamp
     assert t_second < t_first
 
