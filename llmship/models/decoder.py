@@ -1,10 +1,12 @@
 """The canonical model: an export-friendly Llama-family decoder with a static KV cache.
 
 Module and parameter names mirror Hugging Face's (`model.layers.N.self_attn.q_proj.weight`, ...), so
-a checkpoint's state dict loads as it is. Every shape is static except the prefill length T; the cache
-holds `max_context` positions and attention always spans the whole cache under a positional mask, which
-is what lets all four converters trace it. Cache writes use `index_copy` at `input_pos + arange(T)`, so no
-data-dependent slicing appears in the graph.
+a checkpoint's state dict loads as it is. Every shape is static except the prefill length T; a layer's cache
+holds `max_context` positions (or, for a sliding-window layer of an artifact, a ring buffer: `cache_lengths`)
+and attention always spans the whole cache under a positional mask, which is what lets all four converters
+trace it. Cache writes use `index_copy` at `input_pos + arange(T)` (mod the ring's rows), so no data-dependent
+slicing appears in the graph. The family differences (Gemma's norms, GeGLU, embedding scale, softmax scale and
+second RoPE base; Phi's partial rotary; SmolLM3's NoPE layers) are read from the spec where each module is built.
 """
 from __future__ import annotations
 
