@@ -33,7 +33,7 @@ def ring_chunk(target) -> int | None:
 def manifest_body(loaded, target, result) -> dict:
     from llmship.formats import toolchain_packages
 
-    from llmship.models.decoder import cache_lengths
+    from llmship.models.decoder import cache_lengths, max_tokens_per_call
 
     spec = loaded.spec
     lengths = cache_lengths(spec, target.max_context, ring_chunk(target))
@@ -72,7 +72,7 @@ def manifest_body(loaded, target, result) -> dict:
             # window + max(prefill_lengths) - 1 rows where that is shorter (row = position mod rows); a sliding-window
             # layer attends to its last `window` positions (null: the whole cache)
             "length_per_layer": lengths,
-            "max_tokens_per_call": max(target.prefill_lengths) if min(lengths) < target.max_context else target.max_context,
+            "max_tokens_per_call": max_tokens_per_call(lengths, target.max_context, ring_chunk(target)),
             "bytes": 2 * sum(lengths) * spec.num_kv_heads * spec.head_dim * (2 if result.kv_cache.get("dtype") == "float16" else 4),
             "window_per_layer": [spec.window_of(i) for i in range(spec.num_layers)],
             **result.kv_cache,

@@ -129,6 +129,12 @@ def cache_lengths(spec: ModelSpec, max_context: int, chunk: int | None) -> list[
     return out
 
 
+def max_tokens_per_call(lengths: list[int], max_context: int, chunk: int | None) -> int:
+    """The most tokens one call may write into caches of these `cache_lengths`: `chunk` when a layer holds a ring
+    buffer (its rows assume no more), else max_context."""
+    return chunk if any(n < max_context for n in lengths) else max_context
+
+
 def ring_mask(positions: torch.Tensor, length: int, window: int, dtype: torch.dtype) -> torch.Tensor:
     """The additive mask [T, length] of a ring-buffer cache once the chunk at `positions` is written. Row r holds the
     latest position p <= last with p = r (mod length), p = last - ((last - r) mod length); a query at q sees it when
@@ -321,9 +327,7 @@ class MobileDecoder(nn.Module):
 
     @property
     def max_chunk(self) -> int:
-        """The most tokens one call may write: `chunk` when a layer holds a ring buffer (its rows assume no more),
-        else max_context."""
-        return self.chunk if any(n < self.max_context for n in self.cache_lengths) else self.max_context
+        return max_tokens_per_call(self.cache_lengths, self.max_context, self.chunk)
 
     @property
     def cache_shapes(self) -> list[tuple[int, int, int, int]]:
