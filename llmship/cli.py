@@ -111,7 +111,9 @@ def cmd_inspect(args) -> int:
         file = a.get("file")
         print(f"adapter     {a.get('name')} ({adapters.get('mode')}): {a.get('path')}, {a.get('modules')} modules, "
               f"rank {a.get('ranks')}, sha256 {str(a.get('sha256'))[:16]}"
-              + (f"; ships as {file} ({m['files'].get(file, {}).get('bytes', 0):,} bytes, {adapters.get('dtype')})" if file else ""))
+              + (f"; ships in {file} ({a.get('bytes', m['files'].get(file, {}).get('bytes', 0)):,} bytes, {adapters.get('dtype')}"
+                 + (f"; functions {', '.join(a['functions'].values())}" if isinstance(a.get("functions"), dict) else "") + ")"
+                 if file else ""))
     if adapters.get("select"):
         print(f"            select one: {adapters['select']}")
     structure = m.get("structure") if isinstance(m.get("structure"), dict) else {}

@@ -215,6 +215,11 @@ class Adapters(Strict):
         for name in v:
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name) or ".." in name:
                 raise ValueError(f"adapter name {name!r} must be 1-64 letters, digits, '.', '_' or '-' (it names a file)")
+        entries = {}  # runtimes with an entry point per adapter name it with '.' and '-' as '_'
+        for name in v:
+            other = entries.setdefault(re.sub(r"[^A-Za-z0-9_]", "_", name), name)
+            if other != name:
+                raise ValueError(f"adapter names {other!r} and {name!r} name the same entry points ('.' and '-' become '_')")
         return v
 
     @model_validator(mode="after")

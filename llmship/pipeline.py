@@ -95,8 +95,9 @@ def adapters_manifest(target: str, recorded: dict, shipped: dict) -> dict:
     missing = [e["name"] for e in recorded["list"] if e["name"] not in files]
     if missing:
         raise ExportError(target, "separate adapters", f"the exporter wrote no file for adapter {missing[0]}")
-    return {**recorded, "dtype": shipped["dtype"], "list": [{**e, "file": files[e["name"]]} for e in recorded["list"]],
-            "select": shipped["select"]}
+    more = shipped.get("entries") or {}  # how each is activated beyond its file (e.g. Core ML's function names)
+    return {**recorded, "dtype": shipped["dtype"], "select": shipped["select"],
+            "list": [{**e, "file": files[e["name"]], **more.get(e["name"], {})} for e in recorded["list"]]}
 
 
 def compression_record(loaded, target, module, config, eval_text: str | None = None):

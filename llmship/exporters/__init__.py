@@ -48,7 +48,9 @@ class ExportResult:
     entry_points: dict[str, dict]  # name -> {"file", "method"/"signature", "inputs": [...], "outputs": [...]}
     kv_cache: dict[str, Any]  # {"held_as": "state"|"inputs", "dtype", "layout", ...}
     extra: dict[str, Any] = field(default_factory=dict)  # format-specific manifest fields
-    # separate adapters (job.loaded.lora): {"files": {name: file}, "dtype": fp16|fp32, "select": how an app activates one}
+    # separate adapters (job.loaded.lora): {"files": {name: file}, "dtype": fp16|fp32, "select": how an app activates
+    # one, "entries": {name: {more manifest fields}} (optional: e.g. the functions that run it, its bytes inside a
+    # file it shares with the base)}
     adapters: dict[str, Any] = field(default_factory=dict)
 
 

@@ -19,19 +19,29 @@ length), so an app passes any prompt chunk without padding and no padded positio
 cache. Both read and write the same states, so one `model.makeState()` serves both functions (Core ML
 shares a state between functions whose state descriptions match). The cost is converting twice; weight
 storage is shared, so the file is no larger than one function.
+
+Separate LoRA adapters (`adapters: {mode: separate}`) are Core ML's own multifunction mechanism too: each adapter
+is the same decoder with a branch beside every linear it touches (adapters/branch.py, its A and B as fp16 consts),
+converted into `prefill_<name>` and `decode_<name>` with the same record pass. Their base weights are the same
+consts as the bare functions', which save_multifunction stores once; the adapter adds its own tensors.
 """
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
 
+from llmship.adapters.branch import branched, entry_name, storage_dtype
 from llmship.errors import ConfigError
 from llmship.exporters import ExportJob, ExportResult, tensor_spec
 from llmship.exporters import coreml_weights as cw
 from llmship.exporters.coreml_weights import weight_plan  # noqa: F401  (the registry's entry point)
+from llmship.models.export import export_stateful
 
 PACKAGE = "model.mlpackage"
 FUNCTIONS = ("prefill", "decode")
+SELECT = ("Core ML multifunction: MLModelConfiguration.functionName = \"prefill_<adapter>\" / \"decode_<adapter>\" "
+          "(adapters.list[].functions) loads the model with that adapter active; \"prefill\" / \"decode\": the bare base. "
+          "The base weights are stored once for every function; one makeState() serves a function pair.")
 
 
 def check(target, spec=None) -> None:
@@ -178,28 +188,29 @@ def convert_function(program, length, max_prefill: int, recipe, record=None, spe
 def export(job: ExportJob) -> ExportResult:
     import coremltools as ct
 
-    from llmship.models.export import export_stateful
-
-    target, recipe = job.target, job.target.recipe
+    target, recipe, spec = job.target, job.target.recipe, job.loaded.spec
     register_index_copy()
     max_prefill = max(target.prefill_lengths)
-    programs = export_stateful(job.decoder, max_prefill)
-    programs.setdefault("prefill", programs["decode"])  # max_prefill == 1: both functions take one token
+    lora_dtype = storage_dtype(job.loaded.adapters["dtype"], target) if job.loaded.lora else None
+    variants = {None: job.decoder, **{a.name: branched(job.decoder, a, lora_dtype) for a in job.loaded.lora}}
     with tempfile.TemporaryDirectory(dir=job.out_dir) as tmp:
-        descriptor, tied = ct.utils.MultiFunctionDescriptor(), job.loaded.spec.tie_word_embeddings
-        for name in FUNCTIONS:
-            length = None if name == "prefill" and max_prefill > 1 else 1
-            spec = job.loaded.spec
-            mlmodel = convert_function(programs[name], length, max_prefill, recipe, job.record, spec, tied)
-            covered(mlmodel, job.record, spec, tied)
-            mlmodel = palettize(mlmodel, job.record, spec, tied)
-            path = Path(tmp) / f"{name}.mlpackage"
-            mlmodel.save(str(path))
-            descriptor.add_function(str(path), src_function_name="main", target_function_name=name)
+        descriptor, tied = ct.utils.MultiFunctionDescriptor(), spec.tie_word_embeddings
+        for adapter, decoder in variants.items():
+            programs = export_stateful(decoder, max_prefill)
+            programs.setdefault("prefill", programs["decode"])  # max_prefill == 1: both functions take one token
+            for entry in FUNCTIONS:
+                length = None if entry == "prefill" and max_prefill > 1 else 1
+                mlmodel = convert_function(programs[entry], length, max_prefill, recipe, job.record, spec, tied)
+                covered(mlmodel, job.record, spec, tied)
+                mlmodel = palettize(mlmodel, job.record, spec, tied)
+                name = entry_name(entry, adapter)
+                path = Path(tmp) / f"{name}.mlpackage"
+                mlmodel.save(str(path))
+                descriptor.add_function(str(path), src_function_name="main", target_function_name=name)
         descriptor.default_function_name = "decode"
-        ct.utils.save_multifunction(descriptor, str(job.out_dir / PACKAGE))
+        ct.utils.save_multifunction(descriptor, str(job.out_dir / PACKAGE))  # identical weights are stored once
     make_reproducible(job.out_dir / PACKAGE)
-    return _result(job, max_prefill)
+    return _result(job, max_prefill, lora_dtype)
 
 
 def make_reproducible(package: Path) -> None:
@@ -226,7 +237,7 @@ def make_reproducible(package: Path) -> None:
     manifest_file.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
 
 
-def _result(job: ExportJob, max_prefill: int) -> ExportResult:
+def _result(job: ExportJob, max_prefill: int, lora_dtype: str | None) -> ExportResult:
     spec, recipe = job.loaded.spec, job.target.recipe
     logits_dtype = "float16" if recipe.compute == "fp16" else "float32"
     states = [tensor_spec(f"{kv}_cache_{i}", "float16", list(shape), "cache")
@@ -238,6 +249,11 @@ def _result(job: ExportJob, max_prefill: int) -> ExportResult:
                 "outputs": [tensor_spec("logits", logits_dtype, [1, t, spec.vocab_size], "logits")],
                 "states": states}
 
+    names = [a.name for a in job.loaded.lora]
+    adapters = {} if not names else {
+        "files": {name: PACKAGE for name in names}, "dtype": lora_dtype, "select": SELECT,
+        "entries": {a.name: {"functions": {e: entry_name(e, a.name) for e in FUNCTIONS},
+                             "bytes": a.params * (2 if lora_dtype == "fp16" else 4)} for a in job.loaded.lora}}
     return ExportResult(
         entry_points={"prefill": entry("prefill", "T" if max_prefill > 1 else 1), "decode": entry("decode", 1)},
         kv_cache={"held_as": "state", "dtype": "float16", "state_names": ["k_cache_{layer}", "v_cache_{layer}"],
@@ -246,13 +262,14 @@ def _result(job: ExportJob, max_prefill: int) -> ExportResult:
             "package": PACKAGE,
             "model_type": "mlProgram",
             "minimum_deployment_target": "iOS18",
-            "functions": list(FUNCTIONS),
+            "functions": [entry_name(e, a) for a in (None, *names) for e in FUNCTIONS],
             "default_function": "decode",
             "prefill_length": {"min": 1, "max": max_prefill, "kind": "RangeDim"},
             "compute_precision": recipe.compute,
             "weights": _weights_note(recipe),
             "cache_write": "MIL scatter at input_pos + arange(T) along the position axis",
         }},
+        adapters=adapters,
     )
 
 

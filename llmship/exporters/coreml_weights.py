@@ -28,7 +28,8 @@ import numpy as np
 from llmship.compress.grids import Grid, asymmetric, palette, symmetric
 from llmship.compress.plan import EMBEDDING, HEAD, matrix_shapes, module_rules
 
-PARAM_CONST = re.compile(r"^p_(.+)_weight(?:_to_fp16)?$")
+# `_inner`: a linear with a separate adapter's branch beside it (adapters/branch.py) keeps its weight one level down
+PARAM_CONST = re.compile(r"^p_(.+?)(?:_inner)?_weight(?:_to_fp16)?$")
 # coremltools.optimize leaves consts of at most this many elements uncompressed (its weight_threshold): small
 # matrices save nothing worth their error. The same rule for every recipe here.
 MIN_ELEMENTS = 2048

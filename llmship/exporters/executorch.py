@@ -19,6 +19,10 @@ How it is built (the same route ExecuTorch's own LLM export takes, written again
 - Both entry points are exported with torch.export, lowered together with `to_edge_transform_and_lower`,
   and emitted with `share_mutable_buffers=True`: the caches are planned once (memory id 2) and every method
   reads and writes the same memory, so a prefill through one method is seen by decode through the other.
+- Separate LoRA adapters (`adapters: {mode: separate}`) are more methods of the same program, as ExecuTorch's own
+  LLM export writes LoRA variants (its multimethod export): `prefill_<name>` / `decode_<name>` lower the decoder
+  with the adapter's branch beside each linear it touches (adapters/branch.py). XNNPACK's named data is content-
+  addressed, so the base weights every method reads are stored once.
 - Metadata follows ExecuTorch's LLM runner: constant methods `get_max_seq_len`, `get_max_context_len`,
   `get_vocab_size`, `get_n_layers`, `get_bos_id`, `get_eos_ids`, `use_kv_cache`, `enable_dynamic_shape`, ...
 """
@@ -30,6 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from llmship.adapters.branch import branched, entry_name, storage_dtype
 from llmship.compress.grids import Grid, symmetric
 from llmship.compress.plan import EMBEDDING, HEAD, matrix_shapes, module_rules, role, rule_variants
 from llmship.errors import ConfigError
@@ -37,6 +42,9 @@ from llmship.exporters import ExportJob, ExportResult, tensor_spec
 from llmship.models.decoder import causal_mask, ring_mask, windowed
 
 PTE = "model.pte"
+SELECT = ("ExecuTorch methods: load_method(\"prefill_<adapter>\") / (\"decode_<adapter>\") (adapters.list[].methods) runs "
+          "with that adapter active, \"prefill\" / \"decode\" the bare base; every method of the program shares the KV "
+          "cache, and XNNPACK's named data stores the base weights once for all of them.")
 TIED_COPIES = 2  # a tied embedding/head is stored twice (the lookup's table and XNNPACK's head): what a budget counts
 DEFAULT_GROUP = 32
 INT4_GROUP_MULTIPLE = 32  # XNNPACK's int4 kernels read groups of a multiple of 32 inputs
@@ -321,6 +329,10 @@ def quantized_modules(decoder, record) -> dict[str, nn.Module]:
     head) with dynamic int8 activations, the embedding weight-only, and a tied head from the embedding's tensor."""
     if record is None:
         return {}
+
+    def path(name: str) -> str:  # a linear with a separate adapter's branch beside it (adapters/branch.py) is one level down
+        return f"{name}.inner" if hasattr(decoder.get_submodule(name), "inner") else name
+
     out = {}
     for name, t in record.tensors.items():
         if name == EMBEDDING:
@@ -329,7 +341,7 @@ def quantized_modules(decoder, record) -> dict[str, nn.Module]:
                 continue
             name = HEAD  # the tied head: the same record tensor, in XNNPACK
         _check_xnnpack_scales(t)
-        out[name] = _with_weight(decoder.get_submodule(name), torchao_weight(t, record.activations.get(name)))
+        out[path(name)] = _with_weight(decoder.get_submodule(path(name)), torchao_weight(t, record.activations.get(name)))
     return out
 
 
@@ -450,16 +462,19 @@ def _export_method(model: ExecuTorchDecoder, name: str, max_prefill: int):
         return torch.export.export(model, args(1), strict=False)
 
 
-def build_pte(decoder, target, record, methods: tuple[str, ...] = ("prefill", "decode")) -> tuple[bytes, dict]:
+def build_pte(decoder, target, record, methods: tuple[str, ...] = ("prefill", "decode"), adapters: dict | None = None) -> tuple[bytes, dict]:
     """`decoder` with the record's tensors on its quantized modules (`decoder` itself unchanged), `methods`
-    exported and lowered to XNNPACK; (pte bytes, notes)."""
+    exported and lowered to XNNPACK, and the same methods of each separate adapter's branched decoder (`adapters`:
+    name -> decoder) as `<method>_<name>`; (pte bytes, notes)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers llama:: ops)
 
-    model = ExecuTorchDecoder(decoder, quantized_modules(decoder, record)).eval()
-    programs = {m: _export_method(model, m, max(target.prefill_lengths)) for m in methods}
+    programs = {}
+    for adapter, variant in {None: decoder, **(adapters or {})}.items():
+        model = ExecuTorchDecoder(variant, quantized_modules(variant, record)).eval()
+        programs.update({entry_name(m, adapter): _export_method(model, m, max(target.prefill_lengths)) for m in methods})
     edge = to_edge_transform_and_lower(
         programs,
         partitioner=[XnnpackPartitioner()],
@@ -491,7 +506,8 @@ def _entry_points(spec, target, lengths: list[int]) -> dict:
 
 def export(job: ExportJob) -> ExportResult:
     target, spec, record = job.target, job.loaded.spec, job.record
-    pte, notes = build_pte(job.decoder, target, record)
+    lora_dtype = storage_dtype(job.loaded.adapters["dtype"], target) if job.loaded.lora else None
+    pte, notes = build_pte(job.decoder, target, record, adapters={a.name: branched(job.decoder, a, lora_dtype) for a in job.loaded.lora})
     (job.out_dir / PTE).write_bytes(pte)
     expected = expected_weight_bytes(spec, record, target.max_context)
     tied = None
@@ -510,6 +526,7 @@ def export(job: ExportJob) -> ExportResult:
                            "entries are never seen"},
         extra={"executorch": {
             "backend": "XnnpackBackend",
+            "methods": [entry_name(m, a) for a in (None, *(a.name for a in job.loaded.lora)) for m in ("prefill", "decode")],
             "metadata_methods": metadata(spec, target),
             "kernels": ["llama::update_cache", "llama::custom_sdpa (extension/llm/custom_ops)"]
                        + (["quantized_decomposed::embedding_4bit / embedding_byte (kernels/quantized)"]
@@ -519,4 +536,9 @@ def export(job: ExportJob) -> ExportResult:
             "expected_weight_bytes": expected,
             "tied_embedding": tied,
         }},
+        adapters={} if not job.loaded.lora else {
+            "files": {a.name: PTE for a in job.loaded.lora}, "dtype": lora_dtype, "select": SELECT,
+            # XNNPACK's fp32 linears hold the branches: 4 bytes per value whatever adapters.dtype rounded them to
+            "entries": {a.name: {"methods": {m: entry_name(m, a.name) for m in ("prefill", "decode")}, "bytes": 4 * a.params,
+                                 "stored_as": "fp32"} for a in job.loaded.lora}},
     )

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from llmship.adapters.branch import branched, entry_name, storage_dtype
 from llmship.compress.plan import module_rules
 from llmship.errors import ConfigError
 from llmship.exporters import ExportJob, ExportResult, tensor_spec
@@ -38,6 +39,9 @@ from llmship.exporters.tflite_weights import weight_plan  # noqa: F401  (the reg
 from llmship.models.decoder import CacheIODecoder, MobileDecoder, cache_names, with_attention
 
 MODEL_FILE = "model.tflite"
+SELECT = ("LiteRT signatures: call \"<signature>_<adapter>\" (adapters.list[].signatures: prefill_<T>_<adapter>, "
+          "decode_<adapter>) to run with that adapter active, the plain signature names for the bare base; every "
+          "signature takes and returns the same caches. The base weights are one buffer that every signature reads.")
 INT4_BLOCK_SIZES = (32, 64, 128, 256)  # what litert-torch's generative recipes (and XNNPACK) support
 
 
@@ -166,30 +170,39 @@ def sample_inputs(decoder: MobileDecoder, length: int) -> dict[str, torch.Tensor
     return {"tokens": torch.zeros((1, length), dtype=torch.int32), "input_pos": torch.arange(length, dtype=torch.int32), **caches}
 
 
-def convert(decoder: MobileDecoder, target) -> bytes:
-    """The float model: every signature traced by litert-torch and merged into one flatbuffer (weights shared)."""
+def signatures(target) -> dict[str, int]:
+    """The bare base's signatures: name -> tokens per call."""
+    return {**{prefill_signature(t): t for t in target.prefill_lengths}, "decode": 1}
+
+
+def convert(variants: dict[str | None, MobileDecoder], target) -> bytes:
+    """The float model: every signature of every variant (the bare base, None, and each separate adapter's branched
+    decoder) traced by litert-torch and merged into one flatbuffer; the weights the variants share are stored once."""
     import litert_torch
 
-    decoder = litert_decoder(decoder)
-    module = CacheIODecoder(decoder).eval()
     converter = None
-    for name, length in [*((prefill_signature(t), t) for t in target.prefill_lengths), ("decode", 1)]:
-        add = litert_torch.signature if converter is None else converter.signature
-        converter = add(name, module, sample_kwargs=sample_inputs(decoder, length))
+    for adapter, decoder in variants.items():
+        decoder = litert_decoder(decoder)
+        module = CacheIODecoder(decoder).eval()
+        for name, length in signatures(target).items():
+            add = litert_torch.signature if converter is None else converter.signature
+            converter = add(entry_name(name, adapter), module, sample_kwargs=sample_inputs(decoder, length))
     with torch.no_grad():
         return bytes(converter.convert().model_content())
 
 
 def export(job: ExportJob) -> ExportResult:
-    recipe, spec = job.target.recipe, job.loaded.spec
-    content = convert(job.decoder, job.target)
-    if job.record is not None or any(r.weights == "fp16" for r in module_rules(recipe, spec).values()):
-        content = tw.quantize(content, job.decoder, spec, recipe, job.record)
+    recipe, spec, target = job.target.recipe, job.loaded.spec, job.target
+    lora_dtype = storage_dtype(job.loaded.adapters["dtype"], target) if job.loaded.lora else None
+    content = convert({None: job.decoder, **{a.name: branched(job.decoder, a, lora_dtype) for a in job.loaded.lora}}, target)
+    if job.record is not None or lora_dtype == "fp16" or any(r.weights == "fp16" for r in module_rules(recipe, spec).values()):
+        lora = {digest: lora_dtype for a in job.loaded.lora for digest in tw.branch_digests(a, lora_dtype)}
+        content = tw.quantize(content, job.decoder, spec, recipe, job.record, lora)
     (job.out_dir / MODEL_FILE).write_bytes(content)
-    return _result(job)
+    return _result(job, lora_dtype)
 
 
-def _result(job: ExportJob) -> ExportResult:
+def _result(job: ExportJob, lora_dtype: str | None) -> ExportResult:
     spec, target, recipe = job.loaded.spec, job.target, job.target.recipe
     cache_dtype = "float16" if target.kv_cache_dtype == "fp16" else "float32"
     shapes = [list(shape) for shape in job.decoder.cache_shapes for _ in ("k", "v")]
@@ -201,17 +214,21 @@ def _result(job: ExportJob) -> ExportResult:
                            *caches],
                 "outputs": [tensor_spec("logits", "float32", [1, t, spec.vocab_size], "logits"), *caches]}
 
-    entries = {prefill_signature(t): entry(prefill_signature(t), t) for t in target.prefill_lengths}
-    entries["decode"] = entry("decode", 1)
+    entries = {name: entry(name, t) for name, t in signatures(target).items()}
+    adapters = {} if not job.loaded.lora else {
+        "files": {a.name: MODEL_FILE for a in job.loaded.lora}, "dtype": lora_dtype, "select": SELECT,
+        "entries": {a.name: {"signatures": {s: entry_name(s, a.name) for s in entries},
+                             "bytes": a.params * (2 if lora_dtype == "fp16" else 4)} for a in job.loaded.lora}}
     return ExportResult(
         entry_points=entries,
+        adapters=adapters,
         kv_cache={"held_as": "inputs", "dtype": cache_dtype,
                   "inputs": ["k_cache_{layer}", "v_cache_{layer}"], "outputs": ["k_cache_{layer}", "v_cache_{layer}"],
                   "how": "every signature takes all caches and returns them updated under the same names; pass the "
                          "outputs of one call as the inputs of the next (any signature); zeros to start over"},
         extra={"litert": {
             "model_file": MODEL_FILE,
-            "signatures": list(entries),
+            "signatures": [entry_name(s, a) for a in (None, *(a.name for a in job.loaded.lora)) for s in entries],
             "prefill_signatures": {str(t): prefill_signature(t) for t in target.prefill_lengths},
             "input_pos": "the position of every token, input_pos[0] + arange(T) (LiteRT-LM's convention); the model reads "
                          "input_pos[0] and writes cache rows input_pos[0] .. input_pos[0] + T - 1",

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmship.errors import ConfigError, ManifestError
+from llmship.errors import ConfigError
 from llmship.manifest import REPORT, check_integrity, read_manifest, write_text_atomic
 from llmship.progress import say, stage
 
@@ -164,15 +164,13 @@ def add_floor(conversion: dict, references: dict) -> None:
 def judge_adapter(runner, adapter, artifact_dir: Path, manifest: dict, integrity: dict, loaded, record, target, plan,
                   weights_digest: str, record_digest: str | None) -> dict:
     """One separate adapter: the artifact run with its shipped file active, against the base + that adapter."""
-    from llmship.manifest import artifact_file
     from llmship.validation import evaluate as ev
     from llmship.validation.gates import check_gates
+    from llmship.validation.runners import adapter_entry
 
-    entry = next(e for e in manifest["adapters"]["list"] if e["name"] == adapter.name)
-    file = entry.get("file")
-    if not isinstance(file, str):
-        raise ManifestError(f"manifest.json: adapter {adapter.name} names no file (adapters.list[].file)")
-    runner.set_adapter(artifact_file(artifact_dir, manifest, file))
+    entry = adapter_entry(manifest, adapter.name)
+    file = entry["file"]
+    runner.set_adapter(adapter.name)
     try:
         logits = ev.teacher_forced(runner, plan, f"{target.name} + {adapter.name}")
         greedy = [ev.greedy(runner, p, plan.greedy_tokens, plan.chunk) for p in plan.prompts]
@@ -183,9 +181,11 @@ def judge_adapter(runner, adapter, artifact_dir: Path, manifest: dict, integrity
     parity, _ = compare(logits, greedy, refs["fp32"], refs["fp32_greedy"], plan, margin)
     conversion, _ = compare(logits, greedy, refs["compressed"], refs["compressed_greedy"], plan, margin)
     add_floor(conversion, refs)
-    result = {"file": file, "bytes": manifest["files"][file]["bytes"], "params": adapter.params, "parity": parity,
-              "conversion": conversion, "integrity": {"mismatched": [f for f in integrity["mismatched"] if f == file],
-                                                      "changed_by_validation": []},
+    # its bytes: its own file's, or (an adapter stored inside a file it shares with the base) what the exporter counted;
+    # its integrity: that file, or every file of that package
+    mine = [f for f in integrity["mismatched"] if f == file or f.startswith(file + "/")]
+    result = {"file": file, "bytes": entry.get("bytes", manifest["files"].get(file, {}).get("bytes")), "params": adapter.params,
+              "parity": parity, "conversion": conversion, "integrity": {"mismatched": mine, "changed_by_validation": []},
               "greedy": {"reference": [list(map(int, g)) for g in refs["fp32_greedy"]], "artifact": greedy}}
     result["gates"] = check_gates(result, target.gates, sections=("parity", "conversion"))
     result["passed"] = all(g["passed"] for g in result["gates"])

@@ -134,9 +134,13 @@ def test_merge_takes_one_adapter_and_separate_is_refused_where_not_held(tmp_path
     with pytest.raises(ValueError, match="adapter name"):
         Adapters(list={"../a": "x"})
     config = BuildConfig(adapters=Adapters(mode="separate", list={"a": "x", "b": "y"}))
-    with pytest.raises(ConfigError, match=r"adapters.mode separate: .* litert \(litert-fp32\)"):
-        resolve_target(config, "litert-fp32")
+    with pytest.raises(ConfigError, match=r"adapters.mode separate: .* executorch \(executorch-fp32\)"):
+        resolve_target(config, "executorch-fp32")
     assert resolve_target(config, "onnx-fp32").name == "onnx-fp32"  # ONNX Runtime holds it (.onnx_adapter files)
+    assert resolve_target(config, "coreml-int4").name == "coreml-int4"  # Core ML holds it (multifunction)
+    assert resolve_target(config, "litert-int8").name == "litert-int8"  # LiteRT holds it (signatures)
+    with pytest.raises(ValueError, match="name the same entry points"):
+        Adapters(mode="separate", list={"a-b": "x", "a_b": "y"})
 
 
 def test_targets_lists_the_adapter_modes(capsys):
@@ -145,8 +149,9 @@ def test_targets_lists_the_adapter_modes(capsys):
     assert cli.main(["targets"]) == 0
     out = capsys.readouterr().out
     assert out.count("adapters: merge") == out.count(" gates: ")
-    onnx = out.count("adapters: merge, separate")
-    assert onnx == out.count("\nonnx-") and onnx > 0  # separate on the onnx targets only
+    separate = out.count("adapters: merge, separate")
+    held = out.count("\nonnx-") + out.count("\ncoreml-") + out.count("\nlitert-")
+    assert separate == held and out.count("\nexecutorch-") > 0  # separate on ONNX Runtime, Core ML and LiteRT
 
 
 @pytest.mark.parametrize("mode", ["merge", "separate"])

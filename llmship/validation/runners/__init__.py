@@ -7,8 +7,9 @@ Protocol (what every runner implements; the evaluation only talks to this):
     decode(token: int, input_pos) -> np.ndarray[vocab] float32
     reset() -> None                                   forget the KV cache
     close() -> None
-    set_adapter(path | None) -> None                  only runners of formats with adapter mode `separate`: run
-                                                      with that shipped adapter file active (None: the bare base)
+    set_adapter(name | None) -> None                  only runners of formats with adapter mode `separate`: run
+                                                      with that shipped adapter active, as its manifest entry
+                                                      (`adapter_entry`) says (None: the bare base); resets the cache
 `prefill` takes 1 <= T <= max(prefill_lengths) tokens; a runner whose format has fixed lengths pads.
 Runners open only files the manifest lists (`llmship.manifest.artifact_file`) and call each entry point by the
 input and output names its manifest entry gives (`EntryIO`).
@@ -75,6 +76,17 @@ class EntryIO:
         caches_in = by_role("inputs", "cache")
         return cls(one("inputs", "tokens"), one("inputs", "positions"), one("outputs", "logits"),
                    tuple(t["name"] for t in caches_in), tuple(t["name"] for t in by_role("outputs", "cache")), tuple(caches_in))
+
+
+def adapter_entry(manifest: dict, name: str) -> dict:
+    """The manifest's entry of separate adapter `name`: its file, and whatever else activates it (e.g. functions)."""
+    info = manifest.get("adapters") if isinstance(manifest.get("adapters"), dict) else {}
+    for entry in info.get("list") or []:
+        if isinstance(entry, dict) and entry.get("name") == name:
+            if not isinstance(entry.get("file"), str):
+                raise ManifestError(f"manifest.json: adapter {name} names no file (adapters.list[].file)")
+            return entry
+    raise ManifestError(f"manifest.json: no separate adapter named {name!r} (adapters.list)")
 
 
 def max_tokens_per_call(manifest: dict) -> int | None:

@@ -12,9 +12,9 @@ from typing import Sequence
 
 import numpy as np
 
-from llmship.errors import require
+from llmship.errors import ManifestError, require
 from llmship.manifest import artifact_file
-from llmship.validation.runners import EntryIO, check_positions, max_tokens_per_call
+from llmship.validation.runners import EntryIO, adapter_entry, check_positions, max_tokens_per_call
 
 REFERENCE_NOTE = ("Apple's Core ML runtime was not run (it exists only on Apple platforms): the reference executor "
                   "proves the serialized ML program computes the right function; it does not prove what Apple's "
@@ -33,7 +33,8 @@ class _CoreMLBase:
     def __init__(self, artifact_dir: Path, manifest: dict):
         entries = manifest["entry_points"]
         self.package = artifact_file(artifact_dir, manifest, entries["decode"]["file"])
-        self.functions = {name: entries[name].get("function", name) for name in ("prefill", "decode")}
+        self.manifest = manifest
+        self.functions = self.base_functions = {name: entries[name].get("function", name) for name in ("prefill", "decode")}
         self.io = {name: EntryIO.of(manifest, name) for name in ("prefill", "decode")}
         self.max_context = int(manifest["max_context"])
         self.max_tokens = max_tokens_per_call(manifest)
@@ -52,6 +53,18 @@ class _CoreMLBase:
     def decode(self, token: int, input_pos: int) -> np.ndarray:
         check_positions(1, input_pos, self.max_context)
         return self._call("decode", [int(token)], input_pos)[0]
+
+    def set_adapter(self, name: str | None) -> None:
+        """Call the functions of separate adapter `name` (adapters.list[].functions), or the base's; a new state."""
+        functions = self.base_functions if name is None else adapter_entry(self.manifest, name).get("functions")
+        if not isinstance(functions, dict) or set(functions) != {"prefill", "decode"}:
+            raise ManifestError(f"manifest.json: adapter {name} must name its prefill and decode functions (adapters.list[].functions)")
+        self.functions = dict(functions)
+        self._functions_changed()
+        self.reset()
+
+    def _functions_changed(self) -> None:
+        pass
 
     def _inputs(self, entry: str, tokens: list[int], input_pos: int) -> dict[str, np.ndarray]:
         io = self.io[entry]
@@ -94,11 +107,15 @@ class CoreMLRunner(_CoreMLBase):
         ct = require("coremltools", "coremltools", "pip install coremltools==9.0")
         super().__init__(artifact_dir, manifest)
         # Core ML picks its own threads and compute units; ALL is what an app gets by default.
-        self.models = {name: ct.models.MLModel(str(self.package), function_name=fn, compute_units=ct.ComputeUnit.ALL)
-                       for name, fn in self.functions.items()}
+        self.ct = ct
+        self._functions_changed()
         self.executor = f"Core ML (coremltools {ct.__version__} MLModel, compute units ALL) on {sys.platform}"
         self.executor_note = "Apple's Core ML runtime ran the artifact; threads are chosen by Core ML, not by --threads."
         self.state = self.models["decode"].make_state()
+
+    def _functions_changed(self) -> None:
+        self.models = {name: self.ct.models.MLModel(str(self.package), function_name=fn, compute_units=self.ct.ComputeUnit.ALL)
+                       for name, fn in self.functions.items()}
 
     def _call(self, entry: str, tokens: list[int], input_pos: int) -> np.ndarray:
         out = self.models[entry].predict(self._inputs(entry, tokens, input_pos), state=self.state)

@@ -7,9 +7,9 @@ from typing import Sequence
 
 import numpy as np
 
-from llmship.errors import ConfigError, require
+from llmship.errors import ConfigError, ManifestError, require
 from llmship.manifest import artifact_file
-from llmship.validation.runners import EntryIO, check_positions, max_tokens_per_call
+from llmship.validation.runners import EntryIO, adapter_entry, check_positions, max_tokens_per_call
 
 INSTALL = "pip install executorch==1.5.1"
 
@@ -39,10 +39,18 @@ class ExecuTorchRunner:
                 raise ConfigError(f"{artifact_dir}: entry point {name} takes inputs {names}; this runner feeds (tokens, positions)")
             EntryIO.of(manifest, name)
         self._program = runtime.Runtime.get().load_program(artifact_file(artifact_dir, manifest, entry["prefill"]["file"]))
-        # Both methods come from one Program, so they share its planned memory and with it the KV cache.
-        self._prefill = self._program.load_method(entry["prefill"]["method"])
-        self._decode = self._program.load_method(entry["decode"]["method"])
+        self.manifest, self.base_methods = manifest, {name: entry[name]["method"] for name in ("prefill", "decode")}
+        self.set_adapter(None)
         self.executor = f"executorch {version('executorch')} XnnpackBackend ({self.threads} threads)"
+
+    def set_adapter(self, name: str | None) -> None:
+        """Run separate adapter `name`'s methods (adapters.list[].methods), or the base's. Every method comes from one
+        Program and shares its planned memory, the KV cache with it: a new sequence starts at input_pos 0."""
+        methods = self.base_methods if name is None else adapter_entry(self.manifest, name).get("methods")
+        if not isinstance(methods, dict) or set(methods) != {"prefill", "decode"}:
+            raise ManifestError(f"manifest.json: adapter {name} must name its prefill and decode methods (adapters.list[].methods)")
+        self._prefill = self._program.load_method(methods["prefill"])
+        self._decode = self._program.load_method(methods["decode"])
 
     def _run(self, method, tokens: Sequence[int], input_pos: int) -> np.ndarray:
         check_positions(len(tokens), input_pos, self.max_context, self.max_tokens)

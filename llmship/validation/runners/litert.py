@@ -14,9 +14,9 @@ from typing import Sequence
 
 import numpy as np
 
-from llmship.errors import ConfigError, require
+from llmship.errors import ConfigError, ManifestError, require
 from llmship.manifest import artifact_file
-from llmship.validation.runners import EntryIO, check_positions
+from llmship.validation.runners import EntryIO, adapter_entry, check_positions
 
 PAD_TOKEN = 0  # any valid id: padded rows are never attended before being overwritten
 
@@ -54,12 +54,24 @@ class LiteRTRunner:
         wanted = {f"prefill_{t}" for t in self.lengths} | {"decode"}
         if not wanted <= available:
             raise ConfigError(f"{self.path} lacks signatures {sorted(wanted - available)} named in its manifest")
-        self.signatures = {name: self.interpreter.get_signature_runner(name) for name in wanted}
+        self.manifest, self.available = manifest, available
         self.io = {name: EntryIO.of(manifest, name) for name in wanted}
         self.cache_specs = {t["name"]: t for t in self.io["decode"].cache_specs}
-        self.reset()
+        self.set_adapter(None)
         self.executor = (f"ai-edge-litert {version('ai-edge-litert')} CPU, {threads} threads, "
                          + (f"XNNPACK delegate ({delegated} partitions in the first signature)" if delegated else "builtin kernels (no delegate)"))
+
+    def set_adapter(self, name: str | None) -> None:
+        """Call separate adapter `name`'s signatures (adapters.list[].signatures: base name -> its own), or the base's;
+        the cache starts empty. Each adapter signature has its base signature's I/O."""
+        names = {n: n for n in self.io}
+        if name is not None:
+            names = adapter_entry(self.manifest, name).get("signatures")
+            if not isinstance(names, dict) or set(names) != set(self.io) or not set(names.values()) <= self.available:
+                raise ManifestError(f"manifest.json: adapter {name} must map every signature to one in {self.path.name} "
+                                    "(adapters.list[].signatures)")
+        self.signatures = {base: self.interpreter.get_signature_runner(own) for base, own in names.items()}
+        self.reset()
 
     def reset(self) -> None:
         self.cache = {name: np.zeros(s["shape"], dtype=np.dtype(s["dtype"])) for name, s in self.cache_specs.items()}

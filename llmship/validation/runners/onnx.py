@@ -18,13 +18,14 @@ import numpy as np
 
 from llmship.errors import require
 from llmship.manifest import artifact_file
-from llmship.validation.runners import EntryIO, check_positions, max_tokens_per_call
+from llmship.validation.runners import EntryIO, adapter_entry, check_positions, max_tokens_per_call
 
 
 class OnnxRunner:
     def __init__(self, artifact_dir: Path, manifest: dict, threads: int = 2):
         ort = require("onnxruntime", "ONNX Runtime", "pip install onnxruntime==1.31.1")
         self.io = io = EntryIO.of(manifest, "prefill")
+        self.artifact_dir, self.manifest = artifact_dir, manifest
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -50,8 +51,9 @@ class OnnxRunner:
             self.binding.bind_ortvalue_input(past, value)
             self.binding.bind_ortvalue_output(present, value)
 
-    def set_adapter(self, path: Path | None) -> None:
-        """Run with the separate adapter in `path` (an .onnx_adapter file of the artifact), or with none."""
+    def set_adapter(self, name: str | None) -> None:
+        """Run with separate adapter `name` (its .onnx_adapter file in the artifact), or with none."""
+        path = None if name is None else artifact_file(self.artifact_dir, self.manifest, adapter_entry(self.manifest, name)["file"])
         self.binding.clear_binding_inputs()
         self.binding.clear_binding_outputs()
         self.binding.bind_output(self.io.logits, "cpu")
