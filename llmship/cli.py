@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 ADAPTER_HELP = ("a PEFT LoRA adapter directory (adapters.list.<dir name>=DIR): merged into the weights, or shipped as its "
-                "own file with --set adapters.mode=separate")
+                "own file or entry points with --set adapters.mode=separate")
 
 
 def adapter_sets(dirs: list[str]) -> list[str]:

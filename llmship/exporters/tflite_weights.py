@@ -331,8 +331,8 @@ def quantize(content: bytes, decoder, spec, recipe, record: WeightRecord | None,
     from ai_edge_quantizer import quantizer
 
     lora = lora or {}
-    ops = [op for op in weight_ops(content) if op.digest not in lora]
-    branches = [op for op in weight_ops(content) if op.digest in lora]
+    every = weight_ops(content)
+    ops, branches = [op for op in every if op.digest not in lora], [op for op in every if op.digest in lora]
     tensors = record.tensors if record is not None else {}
     rules = module_rules(recipe, spec)
     modules = weight_modules(ops, decoder, spec, lambda names: not set(names) & set(tensors) and len({rules[n].weights for n in names}) == 1)
