@@ -90,23 +90,27 @@ def test_a_fault_in_one_adapters_weights_fails_that_adapter(stories_fp16, tmp_pa
     (integrity fails for every function, as they share the file); with the manifest re-hashed (as if the exporter had
     written it wrong) that adapter's parity and conversion gates fail, and the other adapter and the base pass."""
     config, built, _ = stories_fp16
-    art = tmp_path / "art"
+    before, after = plant_doubled_b(built, tmp_path / "art", config, WEIGHTS, "fp16")
+    assert {"integrity", "adapter.all.integrity", "adapter.qv.integrity"} <= before, before
+    assert {"adapter.all.greedy_match_min", "adapter.all.conversion_kl_mean_max"} <= after, after
+    assert not {g for g in after if not g.startswith("adapter.all.")}, after
+
+
+def plant_doubled_b(built, art, config, file: str, dtype: str) -> tuple[set, set]:
+    """A copy of artifact `built` at `art` with adapter "all"'s s B doubled inside `file`: the gates that fail as
+    shipped, then with the manifest re-hashed over the changed file (as if the exporter had written it wrong)."""
     shutil.copytree(built, art)
     loaded = load_source(config.model, config.adapters)
-    weights = art / WEIGHTS
-    double_b_in_place(weights, next(a for a in loaded.lora if a.name == "all"), "fp16")
+    double_b_in_place(art / file, next(a for a in loaded.lora if a.name == "all"), dtype)
 
-    def failed(report):
-        return {g["name"] for g in report["gates"] if not g["passed"]}
+    def failed():
+        return {g["name"] for g in validate_artifact(art, config, loaded=loaded)["gates"] if not g["passed"]}
 
-    bad = failed(validate_artifact(art, config, loaded=loaded))
-    assert {"integrity", "adapter.all.integrity", "adapter.qv.integrity"} <= bad, bad
+    before = failed()
     manifest = json.loads((art / "manifest.json").read_text())
-    manifest["files"][WEIGHTS] = {**manifest["files"][WEIGHTS], "sha256": sha256_file(weights), "bytes": weights.stat().st_size}
+    manifest["files"][file] = {**manifest["files"][file], "sha256": sha256_file(art / file), "bytes": (art / file).stat().st_size}
     (art / "manifest.json").write_text(json.dumps(manifest))
-    bad = failed(validate_artifact(art, config, loaded=loaded))
-    assert {"adapter.all.greedy_match_min", "adapter.all.conversion_kl_mean_max"} <= bad, bad
-    assert not {g for g in bad if not g.startswith("adapter.all.")}, bad
+    return before, failed()
 
 
 def double_b_in_place(file, adapter, dtype: str) -> None:
