@@ -175,18 +175,19 @@ def signatures(target) -> dict[str, int]:
     return {**{prefill_signature(t): t for t in target.prefill_lengths}, "decode": 1}
 
 
-def convert(variants: dict[str | None, MobileDecoder], target) -> bytes:
-    """The float model: every signature of every variant (the bare base, None, and each separate adapter's branched
-    decoder) traced by litert-torch and merged into one flatbuffer; the weights the variants share are stored once."""
+def convert(decoder: MobileDecoder, target, adapters: dict[str, MobileDecoder] | None = None) -> bytes:
+    """The float model: every signature of `decoder` and of each separate adapter's branched decoder (`adapters`: name
+    -> decoder, signatures `<signature>_<name>`) traced by litert-torch and merged into one flatbuffer; the weights
+    they share are stored once."""
     import litert_torch
 
     converter = None
-    for adapter, decoder in variants.items():
-        decoder = litert_decoder(decoder)
-        module = CacheIODecoder(decoder).eval()
+    for adapter, variant in {None: decoder, **(adapters or {})}.items():
+        variant = litert_decoder(variant)
+        module = CacheIODecoder(variant).eval()
         for name, length in signatures(target).items():
             add = litert_torch.signature if converter is None else converter.signature
-            converter = add(entry_name(name, adapter), module, sample_kwargs=sample_inputs(decoder, length))
+            converter = add(entry_name(name, adapter), module, sample_kwargs=sample_inputs(variant, length))
     with torch.no_grad():
         return bytes(converter.convert().model_content())
 
@@ -194,7 +195,7 @@ def convert(variants: dict[str | None, MobileDecoder], target) -> bytes:
 def export(job: ExportJob) -> ExportResult:
     recipe, spec, target = job.target.recipe, job.loaded.spec, job.target
     lora_dtype = storage_dtype(job.loaded.adapters["dtype"], target) if job.loaded.lora else None
-    content = convert({None: job.decoder, **{a.name: branched(job.decoder, a, lora_dtype) for a in job.loaded.lora}}, target)
+    content = convert(job.decoder, target, {a.name: branched(job.decoder, a, lora_dtype) for a in job.loaded.lora})
     if job.record is not None or lora_dtype == "fp16" or any(r.weights == "fp16" for r in module_rules(recipe, spec).values()):
         lora = {digest: lora_dtype for a in job.loaded.lora for digest in tw.branch_digests(a, lora_dtype)}
         content = tw.quantize(content, job.decoder, spec, recipe, job.record, lora)
