@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 ADAPTER_HELP = ("a PEFT LoRA adapter directory (adapters.list.<dir name>=DIR): merged into the weights, or shipped as its "
-                "own file or entry points with --set adapters.mode=separate")
+                "own file beside the base with --set adapters.mode=separate")
 
 
 def adapter_sets(dirs: list[str]) -> list[str]:
@@ -109,11 +109,12 @@ def cmd_inspect(args) -> int:
     adapters = m.get("adapters") if isinstance(m.get("adapters"), dict) else {}
     for a in adapters.get("list") or []:
         file = a.get("file")
+        runs = next((f"; {kind} {', '.join(a[kind].values())}" for kind in ("functions", "signatures", "methods")
+                     if isinstance(a.get(kind), dict)), "")  # the entry points that run it (Core ML, LiteRT, ExecuTorch)
         print(f"adapter     {a.get('name')} ({adapters.get('mode')}): {a.get('path')}, {a.get('modules')} modules, "
               f"rank {a.get('ranks')}, sha256 {str(a.get('sha256'))[:16]}"
               + (f"; ships in {file} ({a.get('bytes', m['files'].get(file, {}).get('bytes', 0)):,} bytes, {adapters.get('dtype')}"
-                 + (f"; functions {', '.join(a['functions'].values())}" if isinstance(a.get("functions"), dict) else "") + ")"
-                 if file else ""))
+                 + runs + ")" if file else ""))
     if adapters.get("select"):
         print(f"            select one: {adapters['select']}")
     structure = m.get("structure") if isinstance(m.get("structure"), dict) else {}

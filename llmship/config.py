@@ -215,11 +215,12 @@ class Adapters(Strict):
         for name in v:
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name) or ".." in name:
                 raise ValueError(f"adapter name {name!r} must be 1-64 letters, digits, '.', '_' or '-' (it names a file)")
-        entries = {}  # runtimes with an entry point per adapter name it with '.' and '-' as '_'
+        files = {}  # each names a file adapters/<name>.<ext>: one per name on a case-insensitive disk too (macOS)
         for name in v:
-            other = entries.setdefault(re.sub(r"[^A-Za-z0-9_]", "_", name), name)
+            other = files.setdefault(name.lower(), name)
             if other != name:
-                raise ValueError(f"adapter names {other!r} and {name!r} name the same entry points ('.' and '-' become '_')")
+                raise ValueError(f"adapter names {other!r} and {name!r} name the same file on a case-insensitive file "
+                                 "system (macOS, Windows)")
         return v
 
     @model_validator(mode="after")

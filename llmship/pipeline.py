@@ -96,7 +96,7 @@ def adapters_manifest(target: str, recorded: dict, shipped: dict) -> dict:
     if missing:
         raise ExportError(target, "separate adapters", f"the exporter wrote no file for adapter {missing[0]}")
     more = shipped.get("entries") or {}  # how each is activated beyond its file (e.g. Core ML's function names)
-    return {**recorded, "dtype": shipped["dtype"], "select": shipped["select"],
+    return {**recorded, **{k: v for k, v in shipped.items() if k not in ("files", "entries")},  # dtype, select, ...
             "list": [{**e, "file": files[e["name"]], **more.get(e["name"], {})} for e in recorded["list"]]}
 
 

@@ -8,9 +8,6 @@ reference (`adapters.merged`) keeps the adapter exact, so parity includes the ro
 """
 from __future__ import annotations
 
-import copy
-import re
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -55,16 +52,3 @@ def with_branches(decoder: nn.Module, adapter, dtype: str) -> nn.Module:
         owner = decoder.get_submodule(parent)
         setattr(owner, attr, LoraBranch(getattr(owner, attr), *stored_pair(a, b, scale, dtype)))
     return decoder
-
-
-def branched(decoder: nn.Module, adapter, dtype: str) -> nn.Module:
-    """A copy of `decoder` with `adapter`'s branches, sharing every weight and buffer with `decoder`, which is left as
-    it was (exporters do not change the model they are given)."""
-    shared = {id(t): t for t in (*decoder.parameters(), *decoder.buffers())}
-    return with_branches(copy.deepcopy(decoder, memo=shared), adapter, dtype)
-
-
-def entry_name(entry: str, adapter: str | None) -> str:
-    """The name of entry point `entry` with separate adapter `adapter` active, in runtimes that ship one entry point
-    per adapter (Core ML functions, LiteRT signatures, ExecuTorch methods); None: the bare base's own name."""
-    return entry if adapter is None else f"{entry}_{re.sub(r'[^A-Za-z0-9_]', '_', adapter)}"

@@ -20,17 +20,19 @@ cache. Both read and write the same states, so one `model.makeState()` serves bo
 shares a state between functions whose state descriptions match). The cost is converting twice; weight
 storage is shared, so the file is no larger than one function.
 
-Separate LoRA adapters (`adapters: {mode: separate}`) are Core ML's own multifunction mechanism too: each adapter
-is the same decoder with a branch beside every linear it touches (adapters/branch.py, its A and B as fp16 consts),
-converted into `prefill_<name>` and `decode_<name>` with the same record pass. Their base weights are the same
-consts as the bare functions', which save_multifunction stores once; the adapter adds its own tensors.
+Separate LoRA adapters (`adapters: {mode: separate}`) use the same multifunction mechanism: two more functions,
+`prefill_lora` and `decode_lora`, are the decoder with a branch beside every linear some adapter touches, whose
+A^T and (s B)^T are inputs (adapters/inputs.py), converted with the same record pass. Their base weights are the
+same consts as the bare functions', which save_multifunction stores once; each adapter ships as its own small file
+that an app passes to them, so an adapter costs its file, however many there are.
 """
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
 
-from llmship.adapters.branch import branched, entry_name, storage_dtype
+from llmship.adapters import inputs as lora_inputs
+from llmship.adapters.branch import storage_dtype
 from llmship.errors import ConfigError
 from llmship.exporters import ExportJob, ExportResult, tensor_spec
 from llmship.exporters import coreml_weights as cw
@@ -39,9 +41,10 @@ from llmship.models.export import export_stateful
 
 PACKAGE = "model.mlpackage"
 FUNCTIONS = ("prefill", "decode")
-SELECT = ("Core ML multifunction: MLModelConfiguration.functionName = \"prefill_<adapter>\" / \"decode_<adapter>\" "
-          "(adapters.list[].functions) loads the model with that adapter active; \"prefill\" / \"decode\": the bare base. "
-          "The base weights are stored once for every function; one makeState() serves a function pair.")
+SELECT = ("Core ML multifunction: MLModelConfiguration.functionName = \"prefill_lora\" / \"decode_lora\" "
+          "(adapters.list[].functions) with the adapter's file as more inputs (adapters.inputs.slots: each tensor padded "
+          "with zeros to the slot's shape, zeros for a module the file lacks); \"prefill\" / \"decode\": the bare base. "
+          "The base weights are stored once for every function; one makeState() serves every function.")
 
 
 def check(target, spec=None) -> None:
@@ -160,8 +163,9 @@ def runs_in_fp16(op) -> bool:
     return not (op.op_type in ("add", "mul") and producers & {"reduce_mean", "rsqrt"})
 
 
-def convert_function(program, length, max_prefill: int, recipe, record=None, spec=None, tied: bool = False):
-    """One entry point as a single-function ML program: tokens [1, length], input_pos [1] -> logits."""
+def convert_function(program, length, max_prefill: int, recipe, record=None, spec=None, tied: bool = False, lora=()):
+    """One entry point as a single-function ML program: tokens [1, length], input_pos [1] (and `lora`'s slots'
+    tensors, in the compute precision) -> logits."""
     import coremltools as ct
     import numpy as np
 
@@ -176,7 +180,9 @@ def convert_function(program, length, max_prefill: int, recipe, record=None, spe
     return ct.convert(
         program.run_decompositions({}),
         inputs=[ct.TensorType(name="tokens", shape=tokens_shape, dtype=np.int32),
-                ct.TensorType(name="input_pos", shape=(1,), dtype=np.int32)],
+                ct.TensorType(name="input_pos", shape=(1,), dtype=np.int32),
+                *(ct.TensorType(name=name, shape=shape, dtype=np.float16 if precision == "fp16" else np.float32)
+                  for s in lora for name, shape in zip(s.inputs, s.shapes))],
         outputs=[ct.TensorType(name="logits", dtype=np.float16 if precision == "fp16" else np.float32)],
         minimum_deployment_target=ct.target.iOS18,
         compute_precision=ct.transform.FP16ComputePrecision(op_selector=runs_in_fp16) if precision == "fp16" else ct.precision.FLOAT32,
@@ -191,26 +197,35 @@ def export(job: ExportJob) -> ExportResult:
     target, recipe, spec = job.target, job.target.recipe, job.loaded.spec
     register_index_copy()
     max_prefill = max(target.prefill_lengths)
-    lora_dtype = storage_dtype(job.loaded.adapters["dtype"], target) if job.loaded.lora else None
-    variants = {None: job.decoder, **{a.name: branched(job.decoder, a, lora_dtype) for a in job.loaded.lora}}
+    slots = lora_inputs.slots(job.decoder, job.loaded.lora) if job.loaded.lora else []
+    variants = [(lambda name: name, job.decoder, ())]
+    if slots:
+        branched, fed = lora_inputs.with_inputs(job.decoder, slots)
+        variants.append((lora_inputs.entry, lora_inputs.taking_inputs(branched, fed, slots), tuple(lora_inputs.sample(slots).values())))
     with tempfile.TemporaryDirectory(dir=job.out_dir) as tmp:
         descriptor, tied = ct.utils.MultiFunctionDescriptor(), spec.tie_word_embeddings
-        for adapter, decoder in variants.items():
-            programs = export_stateful(decoder, max_prefill)
+        for rename, decoder, more in variants:
+            programs = export_stateful(decoder, max_prefill, more=more)
             programs.setdefault("prefill", programs["decode"])  # max_prefill == 1: both functions take one token
             for entry in FUNCTIONS:
                 length = None if entry == "prefill" and max_prefill > 1 else 1
-                mlmodel = convert_function(programs[entry], length, max_prefill, recipe, job.record, spec, tied)
+                mlmodel = convert_function(programs[entry], length, max_prefill, recipe, job.record, spec, tied, slots if more else ())
                 covered(mlmodel, job.record, spec, tied)
                 mlmodel = palettize(mlmodel, job.record, spec, tied)
-                name = entry_name(entry, adapter)
-                path = Path(tmp) / f"{name}.mlpackage"
+                path = Path(tmp) / f"{rename(entry)}.mlpackage"
                 mlmodel.save(str(path))
-                descriptor.add_function(str(path), src_function_name="main", target_function_name=name)
+                descriptor.add_function(str(path), src_function_name="main", target_function_name=rename(entry))
         descriptor.default_function_name = "decode"
         ct.utils.save_multifunction(descriptor, str(job.out_dir / PACKAGE))  # identical weights are stored once
     make_reproducible(job.out_dir / PACKAGE)
-    return _result(job, max_prefill, lora_dtype)
+    adapters = {}
+    if slots:
+        dtype = storage_dtype(job.loaded.adapters["dtype"], target)
+        adapters = {"files": lora_inputs.write_files(job.out_dir, job.loaded.lora, dtype), "dtype": dtype, "select": SELECT,
+                    "inputs": {"rank": slots[0].rank, "slots": [s.manifest() for s in slots],
+                               "dtype": "float16" if recipe.compute == "fp16" else "float32"},
+                    "entries": {a.name: {"functions": {e: lora_inputs.entry(e) for e in FUNCTIONS}} for a in job.loaded.lora}}
+    return _result(job, max_prefill, adapters)
 
 
 def make_reproducible(package: Path) -> None:
@@ -237,7 +252,7 @@ def make_reproducible(package: Path) -> None:
     manifest_file.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
 
 
-def _result(job: ExportJob, max_prefill: int, lora_dtype: str | None) -> ExportResult:
+def _result(job: ExportJob, max_prefill: int, adapters: dict) -> ExportResult:
     spec, recipe = job.loaded.spec, job.target.recipe
     logits_dtype = "float16" if recipe.compute == "fp16" else "float32"
     states = [tensor_spec(f"{kv}_cache_{i}", "float16", list(shape), "cache")
@@ -249,11 +264,6 @@ def _result(job: ExportJob, max_prefill: int, lora_dtype: str | None) -> ExportR
                 "outputs": [tensor_spec("logits", logits_dtype, [1, t, spec.vocab_size], "logits")],
                 "states": states}
 
-    names = [a.name for a in job.loaded.lora]
-    adapters = {} if not names else {
-        "files": {name: PACKAGE for name in names}, "dtype": lora_dtype, "select": SELECT,
-        "entries": {a.name: {"functions": {e: entry_name(e, a.name) for e in FUNCTIONS},
-                             "bytes": a.params * (2 if lora_dtype == "fp16" else 4)} for a in job.loaded.lora}}
     return ExportResult(
         entry_points={"prefill": entry("prefill", "T" if max_prefill > 1 else 1), "decode": entry("decode", 1)},
         kv_cache={"held_as": "state", "dtype": "float16", "state_names": ["k_cache_{layer}", "v_cache_{layer}"],
@@ -262,7 +272,7 @@ def _result(job: ExportJob, max_prefill: int, lora_dtype: str | None) -> ExportR
             "package": PACKAGE,
             "model_type": "mlProgram",
             "minimum_deployment_target": "iOS18",
-            "functions": [entry_name(e, a) for a in (None, *names) for e in FUNCTIONS],
+            "functions": [*FUNCTIONS, *(lora_inputs.entry(e) for e in FUNCTIONS if adapters)],
             "default_function": "decode",
             "prefill_length": {"min": 1, "max": max_prefill, "kind": "RangeDim"},
             "compute_precision": recipe.compute,

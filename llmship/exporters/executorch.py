@@ -19,10 +19,10 @@ How it is built (the same route ExecuTorch's own LLM export takes, written again
 - Both entry points are exported with torch.export, lowered together with `to_edge_transform_and_lower`,
   and emitted with `share_mutable_buffers=True`: the caches are planned once (memory id 2) and every method
   reads and writes the same memory, so a prefill through one method is seen by decode through the other.
-- Separate LoRA adapters (`adapters: {mode: separate}`) are more methods of the same program, as ExecuTorch's own
-  LLM export writes LoRA variants (its multimethod export): `prefill_<name>` / `decode_<name>` lower the decoder
-  with the adapter's branch beside each linear it touches (adapters/branch.py). XNNPACK's named data is content-
-  addressed, so the base weights every method reads are stored once.
+- Separate LoRA adapters (`adapters: {mode: separate}`) are two more methods of the same program, `prefill_lora` /
+  `decode_lora`, whose inputs include every adapted linear's A^T and (s B)^T (adapters/inputs.py); each adapter
+  ships as its own small file that an app passes to them. XNNPACK's named data is content-addressed, so the base
+  weights every method reads are stored once.
 - Metadata follows ExecuTorch's LLM runner: constant methods `get_max_seq_len`, `get_max_context_len`,
   `get_vocab_size`, `get_n_layers`, `get_bos_id`, `get_eos_ids`, `use_kv_cache`, `enable_dynamic_shape`, ...
 """
@@ -34,7 +34,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from llmship.adapters.branch import branched, entry_name, storage_dtype
+from llmship.adapters import inputs as lora_inputs
+from llmship.adapters.branch import storage_dtype
 from llmship.compress.grids import Grid, symmetric
 from llmship.compress.plan import EMBEDDING, HEAD, matrix_shapes, module_rules, role, rule_variants
 from llmship.errors import ConfigError
@@ -42,9 +43,10 @@ from llmship.exporters import ExportJob, ExportResult, tensor_spec
 from llmship.models.decoder import causal_mask, ring_mask, windowed
 
 PTE = "model.pte"
-SELECT = ("ExecuTorch methods: load_method(\"prefill_<adapter>\") / (\"decode_<adapter>\") (adapters.list[].methods) runs "
-          "with that adapter active, \"prefill\" / \"decode\" the bare base; every method of the program shares the KV "
-          "cache, and XNNPACK's named data stores the base weights once for all of them.")
+SELECT = ("ExecuTorch methods: \"prefill_lora\" / \"decode_lora\" (adapters.list[].methods) take the adapter's file as "
+          "more inputs after (tokens, input_pos) (adapters.inputs.slots, A then B of each, padded with zeros to the "
+          "slot's shape, zeros for a module the file lacks); \"prefill\" / \"decode\" run the bare base. Every method "
+          "shares the KV cache, and XNNPACK's named data stores the base weights once for all of them.")
 TIED_COPIES = 2  # a tied embedding/head is stored twice (the lookup's table and XNNPACK's head): what a budget counts
 DEFAULT_GROUP = 32
 INT4_GROUP_MULTIPLE = 32  # XNNPACK's int4 kernels read groups of a multiple of 32 inputs
@@ -330,7 +332,7 @@ def quantized_modules(decoder, record) -> dict[str, nn.Module]:
     if record is None:
         return {}
 
-    def path(name: str) -> str:  # a linear with a separate adapter's branch beside it (adapters/branch.py) is one level down
+    def path(name: str) -> str:  # a linear with a separate adapter's branch beside it (adapters/inputs.py) is one level down
         return f"{name}.inner" if hasattr(decoder.get_submodule(name), "inner") else name
 
     out = {}
@@ -449,32 +451,39 @@ def metadata(spec, target) -> dict:
     return meta
 
 
-def _export_method(model: ExecuTorchDecoder, name: str, max_prefill: int):
+def _export_method(model: nn.Module, name: str, max_prefill: int, more: tuple = ()):
+    """Method `name` of `model` (forward(tokens, input_pos, *more)): prefill with a dynamic length up to max_prefill."""
     from torch.export import Dim
 
     def args(t):
-        return torch.zeros((1, t), dtype=torch.int64), torch.zeros((1,), dtype=torch.int64)
+        return torch.zeros((1, t), dtype=torch.int64), torch.zeros((1,), dtype=torch.int64), *more
 
     with torch.no_grad():
         if name == "prefill" and max_prefill > 1:
             seq = Dim("seq_len", min=1, max=max_prefill)
-            return torch.export.export(model, args(2), dynamic_shapes=({1: seq}, None), strict=False)
+            shapes = ({1: seq}, None, *(None for _ in more))
+            shapes = (shapes,) if more else shapes  # WithLoraInputs takes (*args): one entry for all of them
+            return torch.export.export(model, args(2), dynamic_shapes=shapes, strict=False)
         return torch.export.export(model, args(1), strict=False)
 
 
-def build_pte(decoder, target, record, methods: tuple[str, ...] = ("prefill", "decode"), adapters: dict | None = None) -> tuple[bytes, dict]:
+def build_pte(decoder, target, record, methods: tuple[str, ...] = ("prefill", "decode"), lora: list | None = None) -> tuple[bytes, dict]:
     """`decoder` with the record's tensors on its quantized modules (`decoder` itself unchanged), `methods`
-    exported and lowered to XNNPACK, and the same methods of each separate adapter's branched decoder (`adapters`:
-    name -> decoder) as `<method>_<name>`; (pte bytes, notes)."""
+    exported and lowered to XNNPACK, and with `lora` (adapters/inputs.py slots) the same methods again as
+    `<method>_lora`, taking the slots' tensors as more inputs after (tokens, input_pos); (pte bytes, notes)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers llama:: ops)
 
-    programs = {}
-    for adapter, variant in {None: decoder, **(adapters or {})}.items():
-        model = ExecuTorchDecoder(variant, quantized_modules(variant, record)).eval()
-        programs.update({entry_name(m, adapter): _export_method(model, m, max(target.prefill_lengths)) for m in methods})
+    longest = max(target.prefill_lengths)
+    model = ExecuTorchDecoder(decoder, quantized_modules(decoder, record)).eval()
+    programs = {m: _export_method(model, m, longest) for m in methods}
+    if lora:
+        branched, fed = lora_inputs.with_inputs(decoder, lora)
+        model = lora_inputs.taking_inputs(ExecuTorchDecoder(branched, quantized_modules(branched, record)), fed, lora).eval()
+        more = tuple(lora_inputs.sample(lora).values())
+        programs.update({lora_inputs.entry(m): _export_method(model, m, longest, more) for m in methods})
     edge = to_edge_transform_and_lower(
         programs,
         partitioner=[XnnpackPartitioner()],
@@ -506,9 +515,17 @@ def _entry_points(spec, target, lengths: list[int]) -> dict:
 
 def export(job: ExportJob) -> ExportResult:
     target, spec, record = job.target, job.loaded.spec, job.record
-    lora_dtype = storage_dtype(job.loaded.adapters["dtype"], target) if job.loaded.lora else None
-    pte, notes = build_pte(job.decoder, target, record, adapters={a.name: branched(job.decoder, a, lora_dtype) for a in job.loaded.lora})
+    slots = lora_inputs.slots(job.decoder, job.loaded.lora) if job.loaded.lora else None
+    pte, notes = build_pte(job.decoder, target, record, lora=slots)
     (job.out_dir / PTE).write_bytes(pte)
+    adapters = {}
+    if slots:
+        dtype = storage_dtype(job.loaded.adapters["dtype"], target)
+        adapters = {"files": lora_inputs.write_files(job.out_dir, job.loaded.lora, dtype), "dtype": dtype, "select": SELECT,
+                    "inputs": {"rank": slots[0].rank, "slots": [s.manifest() for s in slots],
+                               "order": "after tokens and input_pos, A then B of each slot in this order"},
+                    "entries": {a.name: {"methods": {m: lora_inputs.entry(m) for m in ("prefill", "decode")}}
+                                for a in job.loaded.lora}}
     expected = expected_weight_bytes(spec, record, target.max_context)
     tied = None
     if spec.tie_word_embeddings:
@@ -526,7 +543,7 @@ def export(job: ExportJob) -> ExportResult:
                            "entries are never seen"},
         extra={"executorch": {
             "backend": "XnnpackBackend",
-            "methods": [entry_name(m, a) for a in (None, *(a.name for a in job.loaded.lora)) for m in ("prefill", "decode")],
+            "methods": ["prefill", "decode", *(lora_inputs.entry(m) for m in ("prefill", "decode") if slots)],
             "metadata_methods": metadata(spec, target),
             "kernels": ["llama::update_cache", "llama::custom_sdpa (extension/llm/custom_ops)"]
                        + (["quantized_decomposed::embedding_4bit / embedding_byte (kernels/quantized)"]
@@ -536,9 +553,5 @@ def export(job: ExportJob) -> ExportResult:
             "expected_weight_bytes": expected,
             "tied_embedding": tied,
         }},
-        adapters={} if not job.loaded.lora else {
-            "files": {a.name: PTE for a in job.loaded.lora}, "dtype": lora_dtype, "select": SELECT,
-            # XNNPACK's fp32 linears hold the branches: 4 bytes per value whatever adapters.dtype rounded them to
-            "entries": {a.name: {"methods": {m: entry_name(m, a.name) for m in ("prefill", "decode")}, "bytes": 4 * a.params,
-                                 "stored_as": "fp32"} for a in job.loaded.lora}},
+        adapters=adapters,
     )

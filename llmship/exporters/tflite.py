@@ -30,7 +30,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from llmship.adapters.branch import branched, entry_name, storage_dtype
+from llmship.adapters import inputs as lora_inputs
+from llmship.adapters.branch import storage_dtype
 from llmship.compress.plan import module_rules
 from llmship.errors import ConfigError
 from llmship.exporters import ExportJob, ExportResult, tensor_spec
@@ -39,9 +40,10 @@ from llmship.exporters.tflite_weights import weight_plan  # noqa: F401  (the reg
 from llmship.models.decoder import CacheIODecoder, MobileDecoder, cache_names, with_attention
 
 MODEL_FILE = "model.tflite"
-SELECT = ("LiteRT signatures: call \"<signature>_<adapter>\" (adapters.list[].signatures: prefill_<T>_<adapter>, "
-          "decode_<adapter>) to run with that adapter active, the plain signature names for the bare base; every "
-          "signature takes and returns the same caches. The base weights are one buffer that every signature reads.")
+SELECT = ("LiteRT signatures, LiteRT-LM's LoRA layout: call \"<signature>_lora\" (adapters.list[].signatures) with the "
+          "adapter's file as more inputs (adapters.inputs.slots: each tensor padded with zeros to the slot's shape, "
+          "zeros for a module the file lacks), the plain signatures for the bare base; every signature takes and "
+          "returns the same caches. The base weights are one buffer that every signature reads.")
 INT4_BLOCK_SIZES = (32, 64, 128, 256)  # what litert-torch's generative recipes (and XNNPACK) support
 
 
@@ -175,35 +177,45 @@ def signatures(target) -> dict[str, int]:
     return {**{prefill_signature(t): t for t in target.prefill_lengths}, "decode": 1}
 
 
-def convert(decoder: MobileDecoder, target, adapters: dict[str, MobileDecoder] | None = None) -> bytes:
-    """The float model: every signature of `decoder` and of each separate adapter's branched decoder (`adapters`: name
-    -> decoder, signatures `<signature>_<name>`) traced by litert-torch and merged into one flatbuffer; the weights
-    they share are stored once."""
+def convert(decoder: MobileDecoder, target, lora: list | None = None) -> bytes:
+    """The float model: every signature of `decoder`, and with `lora` (adapters/inputs.py slots) every signature again
+    as `<signature>_lora` taking the slots' tensors as more inputs, traced by litert-torch and merged into one
+    flatbuffer; the weights the signatures share are stored once."""
     import litert_torch
 
+    variants = [(None, CacheIODecoder(litert_decoder(decoder)).eval(), {})]
+    if lora:
+        branched, fed = lora_inputs.with_inputs(decoder, lora)
+        module = lora_inputs.taking_inputs(CacheIODecoder(litert_decoder(branched)), fed, lora).eval()
+        variants.append((lora_inputs.entry, module, lora_inputs.sample(lora)))
     converter = None
-    for adapter, variant in {None: decoder, **(adapters or {})}.items():
-        variant = litert_decoder(variant)
-        module = CacheIODecoder(variant).eval()
+    for rename, module, extra in variants:
         for name, length in signatures(target).items():
             add = litert_torch.signature if converter is None else converter.signature
-            converter = add(entry_name(name, adapter), module, sample_kwargs=sample_inputs(variant, length))
+            kwargs = {**sample_inputs(decoder, length), **extra}
+            converter = add(rename(name) if rename else name, module, sample_kwargs=kwargs)
     with torch.no_grad():
         return bytes(converter.convert().model_content())
 
 
 def export(job: ExportJob) -> ExportResult:
     recipe, spec, target = job.target.recipe, job.loaded.spec, job.target
-    lora_dtype = storage_dtype(job.loaded.adapters["dtype"], target) if job.loaded.lora else None
-    content = convert(job.decoder, target, {a.name: branched(job.decoder, a, lora_dtype) for a in job.loaded.lora})
-    if job.record is not None or lora_dtype == "fp16" or any(r.weights == "fp16" for r in module_rules(recipe, spec).values()):
-        lora = {digest: lora_dtype for a in job.loaded.lora for digest in tw.branch_digests(a, lora_dtype)}
-        content = tw.quantize(content, job.decoder, spec, recipe, job.record, lora)
+    slots = lora_inputs.slots(job.decoder, job.loaded.lora) if job.loaded.lora else None
+    content = convert(job.decoder, target, slots)
+    if job.record is not None or any(r.weights == "fp16" for r in module_rules(recipe, spec).values()):
+        content = tw.quantize(content, job.decoder, spec, recipe, job.record)
     (job.out_dir / MODEL_FILE).write_bytes(content)
-    return _result(job, lora_dtype)
+    adapters = {}
+    if slots:
+        dtype = storage_dtype(job.loaded.adapters["dtype"], target)
+        adapters = {"files": lora_inputs.write_files(job.out_dir, job.loaded.lora, dtype), "dtype": dtype, "select": SELECT,
+                    "inputs": {"rank": slots[0].rank, "slots": [s.manifest() for s in slots]},
+                    "entries": {a.name: {"signatures": {s: lora_inputs.entry(s) for s in signatures(target)}}
+                                for a in job.loaded.lora}}
+    return _result(job, adapters)
 
 
-def _result(job: ExportJob, lora_dtype: str | None) -> ExportResult:
+def _result(job: ExportJob, adapters: dict) -> ExportResult:
     spec, target, recipe = job.loaded.spec, job.target, job.target.recipe
     cache_dtype = "float16" if target.kv_cache_dtype == "fp16" else "float32"
     shapes = [list(shape) for shape in job.decoder.cache_shapes for _ in ("k", "v")]
@@ -216,10 +228,6 @@ def _result(job: ExportJob, lora_dtype: str | None) -> ExportResult:
                 "outputs": [tensor_spec("logits", "float32", [1, t, spec.vocab_size], "logits"), *caches]}
 
     entries = {name: entry(name, t) for name, t in signatures(target).items()}
-    adapters = {} if not job.loaded.lora else {
-        "files": {a.name: MODEL_FILE for a in job.loaded.lora}, "dtype": lora_dtype, "select": SELECT,
-        "entries": {a.name: {"signatures": {s: entry_name(s, a.name) for s in entries},
-                             "bytes": a.params * (2 if lora_dtype == "fp16" else 4)} for a in job.loaded.lora}}
     return ExportResult(
         entry_points=entries,
         adapters=adapters,
@@ -229,7 +237,7 @@ def _result(job: ExportJob, lora_dtype: str | None) -> ExportResult:
                          "outputs of one call as the inputs of the next (any signature); zeros to start over"},
         extra={"litert": {
             "model_file": MODEL_FILE,
-            "signatures": [entry_name(s, a) for a in (None, *(a.name for a in job.loaded.lora)) for s in entries],
+            "signatures": [*entries, *(lora_inputs.entry(s) for s in entries if adapters)],
             "prefill_signatures": {str(t): prefill_signature(t) for t in target.prefill_lengths},
             "input_pos": "the position of every token, input_pos[0] + arange(T) (LiteRT-LM's convention); the model reads "
                          "input_pos[0] and writes cache rows input_pos[0] .. input_pos[0] + T - 1",

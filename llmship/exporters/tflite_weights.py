@@ -196,11 +196,9 @@ def _op_setting(op: WeightOp, module: str, rule, record: WeightRecord | None, re
     return ("int", t.grid.bits, t.grid.group_size, dynamic)
 
 
-def quantization_recipe(ops: list[WeightOp], modules: dict[str, str], rules: dict, record: WeightRecord | None, recipe,
-                        branches: list[tuple[WeightOp, str]] = ()):
-    """ai-edge-quantizer's recipe: one rule per (op type, setting), matching exactly the scopes of its ops (`branches`:
-    adapter branch ops with their float dtype). Rules added later win, so they override the fp16 default of a recipe
-    whose weights are fp16."""
+def quantization_recipe(ops: list[WeightOp], modules: dict[str, str], rules: dict, record: WeightRecord | None, recipe):
+    """ai-edge-quantizer's recipe: one rule per (op type, setting), matching exactly the scopes of its ops. Rules added
+    later win, so they override the fp16 default of a recipe whose weights are fp16."""
     from ai_edge_quantizer import qtyping, recipe_manager
 
     manager = recipe_manager.RecipeManager()
@@ -213,8 +211,6 @@ def quantization_recipe(ops: list[WeightOp], modules: dict[str, str], rules: dic
         if op.digest in modules:
             module = modules[op.digest]
             scopes.setdefault((op.op, *_op_setting(op, module, rules[module], record, recipe)), []).append(op.scope)
-    for op, dtype in branches:
-        scopes.setdefault((op.op, dtype), []).append(op.scope)
     for (op_name, kind, *grid), names in scopes.items():
         algorithm, config = op_config(kind, *grid)
         regex = "^(?:" + "|".join(re.escape(s) for s in names) + ")$"
@@ -315,24 +311,12 @@ def record_materializers(by_digest: dict[str, QuantizedTensor]):
                                      update_qsv_func=update)
 
 
-def branch_digests(adapter, dtype: str) -> list[str]:
-    """The content digests of a separate adapter's two FULLY_CONNECTED weights per module (adapters/branch.py: A
-    [r, in] and s B [out, r], fp32 holding the `dtype` values), as the converter stores them."""
-    from llmship.adapters.branch import stored_pair
-
-    pairs = [stored_pair(a, b, scale, dtype) for a, b, scale in adapter.lora.values()]
-    return [_digest(t.t().contiguous().float().numpy()) for pair in pairs for t in pair]
-
-
-def quantize(content: bytes, decoder, spec, recipe, record: WeightRecord | None, lora: dict[str, str] | None = None) -> bytes:
-    """The float model quantized: record tensors exactly as the record holds them, fp16 matrices cast, and the
-    weights of separate adapters' branches (`lora`: digest -> fp16 | fp32) stored in their dtype. Raises unless
+def quantize(content: bytes, decoder, spec, recipe, record: WeightRecord | None) -> bytes:
+    """The float model quantized: record tensors exactly as the record holds them, fp16 matrices cast. Raises unless
     every record tensor is the parameters of exactly one buffer."""
     from ai_edge_quantizer import quantizer
 
-    lora = lora or {}
-    every = weight_ops(content)
-    ops, branches = [op for op in every if op.digest not in lora], [op for op in every if op.digest in lora]
+    ops = weight_ops(content)
     tensors = record.tensors if record is not None else {}
     rules = module_rules(recipe, spec)
     modules = weight_modules(ops, decoder, spec, lambda names: not set(names) & set(tensors) and len({rules[n].weights for n in names}) == 1)
@@ -346,7 +330,7 @@ def quantize(content: bytes, decoder, spec, recipe, record: WeightRecord | None,
         if len(buffers) != 1:
             raise RuntimeError(f"record tensor {name} is the weight of {len(buffers)} buffers of the float model, not one")
     by_digest = {d: tensors[m] for d, m in modules.items() if m in tensors}
-    plan = quantization_recipe(ops, modules, rules, record, recipe, [(op, lora[op.digest]) for op in branches])
+    plan = quantization_recipe(ops, modules, rules, record, recipe)
     with record_materializers(by_digest) as handed:
         result = quantizer.Quantizer(bytes(content), plan).quantize(enable_progress_bar=False, enable_progress_report=False)
     wrong = sorted(f"{name} ({len(handed.get(name, ()))} buffers)" for name in tensors if len(handed.get(name, ())) != 1)

@@ -11,16 +11,19 @@ def example_tokens(t: int, dtype=torch.int64) -> tuple[torch.Tensor, torch.Tenso
     return torch.zeros((1, t), dtype=dtype), torch.zeros((1,), dtype=torch.int64)
 
 
-def export_stateful(decoder: MobileDecoder, max_prefill: int, token_dtype=torch.int64) -> dict[str, ExportedProgram]:
-    """prefill (T dynamic in [1, max_prefill], traced at 2) and decode (T = 1), the KV cache as mutated buffers."""
+def export_stateful(decoder: MobileDecoder, max_prefill: int, token_dtype=torch.int64, more: tuple = ()) -> dict[str, ExportedProgram]:
+    """prefill (T dynamic in [1, max_prefill], traced at 2) and decode (T = 1), the KV cache as mutated buffers;
+    `more`: example tensors of inputs after (tokens, input_pos) (a module taking them as *args)."""
     programs = {}
     with torch.no_grad():
         if max_prefill > 1:
             seq = Dim("seq_len", min=1, max=max_prefill)
+            shapes = ({1: seq}, None, *(None for _ in more))
             programs["prefill"] = torch.export.export(
-                decoder, example_tokens(min(2, max_prefill), token_dtype), dynamic_shapes=({1: seq}, None), strict=False
+                decoder, (*example_tokens(min(2, max_prefill), token_dtype), *more),
+                dynamic_shapes=(shapes,) if more else shapes, strict=False
             )
-        programs["decode"] = torch.export.export(decoder, example_tokens(1, token_dtype), strict=False)
+        programs["decode"] = torch.export.export(decoder, (*example_tokens(1, token_dtype), *more), strict=False)
     return programs
 
 

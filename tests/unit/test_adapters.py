@@ -142,8 +142,9 @@ def test_merge_takes_one_adapter_and_separate_is_refused_where_not_held(tmp_path
     assert resolve_target(config, "onnx-fp32").name == "onnx-fp32"  # ONNX Runtime holds it (.onnx_adapter files)
     assert resolve_target(config, "coreml-int4").name == "coreml-int4"  # Core ML holds it (multifunction)
     assert resolve_target(config, "litert-int8").name == "litert-int8"  # LiteRT holds it (signatures)
-    with pytest.raises(ValueError, match="name the same entry points"):
-        Adapters(mode="separate", list={"a-b": "x", "a_b": "y"})
+    with pytest.raises(ValueError, match="case-insensitive"):
+        Adapters(mode="separate", list={"Chat": "x", "chat": "y"})
+    assert sorted(Adapters(mode="separate", list={"a-b": "x", "a_b": "y"}).list) == ["a-b", "a_b"]  # two files
 
 
 def test_targets_lists_the_adapter_modes(capsys):
@@ -180,3 +181,45 @@ def test_a_lora_on_phi3s_fused_projections_is_split_onto_the_canonical_ones(mode
     ours = chunked_logits(decoder, ids, prefill=17)
     assert (ours - hf_logits(oracle, ids)).abs().max().item() <= 1e-4
     assert (hf_logits(oracle, ids) - hf_logits(hf, ids)).abs().max().item() > 1e-2
+
+
+def test_an_adapter_passed_as_inputs_computes_what_its_stored_branches_do(tiny, tmp_path):
+    """adapters/inputs.py: each adapter's file, read back and padded to the largest rank (zeros where the file has no
+    module), fed to the one decoder that takes adapters as inputs, gives the logits of the decoder with that adapter's
+    stored branches (the compressed reference); with two ranks and two module sets, the padding is exercised."""
+    from llmship.adapters import inputs as lora_inputs
+    from llmship.adapters.branch import with_branches
+
+    base = hf_from_loaded(tiny)
+    peft_adapter(base, tmp_path / "qv", r=4, alpha=4.0)
+    peft_adapter(base, tmp_path / "all", r=8, targets=ALL_PROJECTIONS, alpha=16.0, seed=1)
+    loaded = load_source("builtin:tiny", Adapters(mode="separate", list={"qv": str(tmp_path / "qv"), "all": str(tmp_path / "all")}))
+    slots = lora_inputs.slots(build_decoder(loaded, 64), loaded.lora)
+    assert {s.rank for s in slots} == {8} and len(slots) == 7 * tiny.spec.num_layers
+    (tmp_path / "out").mkdir()
+    files = lora_inputs.write_files(tmp_path / "out", loaded.lora, "fp16")
+    tokens, pos = torch.randint(3, tiny.spec.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0)), torch.zeros(1, dtype=torch.long)
+    for adapter in loaded.lora:
+        fed = lora_inputs.read_inputs(tmp_path / "out" / files[adapter.name], [s.manifest() for s in slots])
+        branched, feed = lora_inputs.with_inputs(build_decoder(loaded, 64), slots)
+        model = lora_inputs.taking_inputs(branched, feed, slots)
+        with torch.no_grad():
+            got = model(tokens, pos, *(torch.from_numpy(fed[n]) for s in slots for n in s.inputs))
+            want = with_branches(build_decoder(loaded, 64), adapter, "fp16")(tokens, pos)
+        assert (got - want).abs().max().item() < 1e-5, adapter.name
+        assert (got - build_decoder(loaded, 64)(tokens, pos)).abs().max().item() > 1e-3, adapter.name  # it does something
+
+
+def test_an_adapter_file_that_does_not_fit_the_model_is_refused(tiny, tmp_path):
+    from llmship.adapters import inputs as lora_inputs
+
+    slot = lora_inputs.Slot("model.layers.0.self_attn.q_proj", 64, 64, 4).manifest()
+    a, b = slot["file_names"]
+    for tensors, message in (({a: torch.zeros(64, 8)}, "rank up to 4"), ({a: torch.zeros(32, 4)}, "shape"),
+                             ({"model.layers.9.mlp.up_proj.lora_A": torch.zeros(64, 4)}, "adapts no module")):
+        save_file(tensors, str(tmp_path / "bad.safetensors"))
+        with pytest.raises(ValueError, match=message):
+            lora_inputs.read_inputs(tmp_path / "bad.safetensors", [slot])
+    save_file({a: torch.ones(64, 2), b: torch.ones(2, 64)}, str(tmp_path / "ok.safetensors"))
+    fed = lora_inputs.read_inputs(tmp_path / "ok.safetensors", [slot])
+    assert fed[slot["a"]][:, :2].sum() == 128 and not fed[slot["a"]][:, 2:].any() and not fed[slot["b"]][2:].any()

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from llmship.adapters.inputs import read_inputs
 from llmship.errors import ManifestError, require
 from llmship.manifest import artifact_file
 from llmship.validation.runners import EntryIO, adapter_entry, check_positions, max_tokens_per_call
@@ -33,7 +34,7 @@ class _CoreMLBase:
     def __init__(self, artifact_dir: Path, manifest: dict):
         entries = manifest["entry_points"]
         self.package = artifact_file(artifact_dir, manifest, entries["decode"]["file"])
-        self.manifest = manifest
+        self.manifest, self.dir, self.lora = manifest, artifact_dir, {}
         self.functions = self.base_functions = {name: entries[name].get("function", name) for name in ("prefill", "decode")}
         self.io = {name: EntryIO.of(manifest, name) for name in ("prefill", "decode")}
         self.max_context = int(manifest["max_context"])
@@ -55,10 +56,20 @@ class _CoreMLBase:
         return self._call("decode", [int(token)], input_pos)[0]
 
     def set_adapter(self, name: str | None) -> None:
-        """Call the functions of separate adapter `name` (adapters.list[].functions), or the base's; a new state."""
-        functions = self.base_functions if name is None else adapter_entry(self.manifest, name).get("functions")
-        if not isinstance(functions, dict) or set(functions) != {"prefill", "decode"}:
-            raise ManifestError(f"manifest.json: adapter {name} must name its prefill and decode functions (adapters.list[].functions)")
+        """Call the `_lora` functions (adapters.list[].functions) with separate adapter `name`'s file as more inputs
+        (adapters/inputs.py), or the base's; a new state."""
+        functions, self.lora = self.base_functions, {}
+        if name is not None:
+            entry = adapter_entry(self.manifest, name)
+            functions, inputs = entry.get("functions"), self.manifest["adapters"].get("inputs") or {}
+            if not isinstance(functions, dict) or set(functions) != {"prefill", "decode"} or not isinstance(inputs.get("slots"), list):
+                raise ManifestError(f"manifest.json: adapter {name} must name its prefill and decode functions "
+                                    "(adapters.list[].functions) and the inputs they take (adapters.inputs.slots)")
+            try:
+                tensors = read_inputs(artifact_file(self.dir, self.manifest, entry["file"]), inputs["slots"])
+            except ValueError as exc:
+                raise ManifestError(f"adapter {name}: {exc}") from None
+            self.lora = {k: v.astype(np.dtype(inputs.get("dtype", "float32"))) for k, v in tensors.items()}
         self.functions = dict(functions)
         self._functions_changed()
         self.reset()
@@ -68,7 +79,7 @@ class _CoreMLBase:
 
     def _inputs(self, entry: str, tokens: list[int], input_pos: int) -> dict[str, np.ndarray]:
         io = self.io[entry]
-        return {io.tokens: np.array([tokens], dtype=np.int32), io.positions: np.array([input_pos], dtype=np.int32)}
+        return {io.tokens: np.array([tokens], dtype=np.int32), io.positions: np.array([input_pos], dtype=np.int32), **self.lora}
 
     def close(self) -> None:
         pass

@@ -7,6 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
+from llmship.adapters.inputs import read_inputs
 from llmship.errors import ConfigError, ManifestError, require
 from llmship.manifest import artifact_file
 from llmship.validation.runners import EntryIO, adapter_entry, check_positions, max_tokens_per_call
@@ -39,16 +40,27 @@ class ExecuTorchRunner:
                 raise ConfigError(f"{artifact_dir}: entry point {name} takes inputs {names}; this runner feeds (tokens, positions)")
             EntryIO.of(manifest, name)
         self._program = runtime.Runtime.get().load_program(artifact_file(artifact_dir, manifest, entry["prefill"]["file"]))
-        self.manifest, self.base_methods = manifest, {name: entry[name]["method"] for name in ("prefill", "decode")}
+        self.manifest, self.dir, self.base_methods = manifest, artifact_dir, {name: entry[name]["method"] for name in ("prefill", "decode")}
         self.set_adapter(None)
         self.executor = f"executorch {version('executorch')} XnnpackBackend ({self.threads} threads)"
 
     def set_adapter(self, name: str | None) -> None:
-        """Run separate adapter `name`'s methods (adapters.list[].methods), or the base's. Every method comes from one
-        Program and shares its planned memory, the KV cache with it: a new sequence starts at input_pos 0."""
-        methods = self.base_methods if name is None else adapter_entry(self.manifest, name).get("methods")
-        if not isinstance(methods, dict) or set(methods) != {"prefill", "decode"}:
-            raise ManifestError(f"manifest.json: adapter {name} must name its prefill and decode methods (adapters.list[].methods)")
+        """Run the `_lora` methods (adapters.list[].methods) with separate adapter `name`'s file as more inputs
+        (adapters/inputs.py), or the base's. Every method comes from one Program and shares its planned memory, the KV
+        cache with it: a new sequence starts at input_pos 0."""
+        methods, self.lora = self.base_methods, []
+        if name is not None:
+            entry = adapter_entry(self.manifest, name)
+            methods = entry.get("methods")
+            slots = (self.manifest["adapters"].get("inputs") or {}).get("slots")
+            if not isinstance(methods, dict) or set(methods) != {"prefill", "decode"} or not isinstance(slots, list):
+                raise ManifestError(f"manifest.json: adapter {name} must name its prefill and decode methods "
+                                    "(adapters.list[].methods) and the inputs they take (adapters.inputs.slots)")
+            try:
+                tensors = read_inputs(artifact_file(self.dir, self.manifest, entry["file"]), slots)
+            except ValueError as exc:
+                raise ManifestError(f"adapter {name}: {exc}") from None
+            self.lora = [self._torch.from_numpy(tensors[s[k]]) for s in slots for k in ("a", "b")]
         self._prefill = self._program.load_method(methods["prefill"])
         self._decode = self._program.load_method(methods["decode"])
 
@@ -56,7 +68,7 @@ class ExecuTorchRunner:
         check_positions(len(tokens), input_pos, self.max_context, self.max_tokens)
         torch = self._torch
         ids = torch.tensor([list(tokens)], dtype=torch.int64)
-        (logits,) = method.execute([ids, torch.tensor([input_pos], dtype=torch.int64)])
+        (logits,) = method.execute([ids, torch.tensor([input_pos], dtype=torch.int64), *self.lora])
         return logits[0].numpy().astype(np.float32, copy=True)
 
     def prefill(self, tokens: Sequence[int], input_pos: int) -> np.ndarray:

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
+from llmship.adapters.inputs import read_inputs
 from llmship.errors import ConfigError, ManifestError, require
 from llmship.manifest import artifact_file
 from llmship.validation.runners import EntryIO, adapter_entry, check_positions
@@ -54,7 +55,7 @@ class LiteRTRunner:
         wanted = {f"prefill_{t}" for t in self.lengths} | {"decode"}
         if not wanted <= available:
             raise ConfigError(f"{self.path} lacks signatures {sorted(wanted - available)} named in its manifest")
-        self.manifest, self.available = manifest, available
+        self.manifest, self.available, self.dir = manifest, available, artifact_dir
         self.io = {name: EntryIO.of(manifest, name) for name in wanted}
         self.cache_specs = {t["name"]: t for t in self.io["decode"].cache_specs}
         self.set_adapter(None)
@@ -62,14 +63,22 @@ class LiteRTRunner:
                          + (f"XNNPACK delegate ({delegated} partitions in the first signature)" if delegated else "builtin kernels (no delegate)"))
 
     def set_adapter(self, name: str | None) -> None:
-        """Call separate adapter `name`'s signatures (adapters.list[].signatures: base name -> its own), or the base's;
-        the cache starts empty. Each adapter signature has its base signature's I/O."""
-        names = {n: n for n in self.io}
+        """Call the `_lora` signatures (adapters.list[].signatures: base name -> its own) with separate adapter `name`'s
+        file as more inputs (adapters/inputs.py), or the plain ones; the cache starts empty."""
+        names, self.lora = {n: n for n in self.io}, {}
         if name is not None:
-            names = adapter_entry(self.manifest, name).get("signatures")
+            entry = adapter_entry(self.manifest, name)
+            names = entry.get("signatures")
             if not isinstance(names, dict) or set(names) != set(self.io) or not set(names.values()) <= self.available:
                 raise ManifestError(f"manifest.json: adapter {name} must map every signature to one in {self.path.name} "
                                     "(adapters.list[].signatures)")
+            slots = (self.manifest["adapters"].get("inputs") or {}).get("slots")
+            if not isinstance(slots, list):
+                raise ManifestError("manifest.json: adapters.inputs.slots is missing")
+            try:
+                self.lora = read_inputs(artifact_file(self.dir, self.manifest, entry["file"]), slots)
+            except ValueError as exc:
+                raise ManifestError(f"adapter {name}: {exc}") from None
         self.signatures = {base: self.interpreter.get_signature_runner(own) for base, own in names.items()}
         self.reset()
 
@@ -82,7 +91,7 @@ class LiteRTRunner:
         padded[0, :len(tokens)] = tokens
         positions = np.arange(input_pos, input_pos + length, dtype=np.int32)
         io = self.io[name]
-        out = self.signatures[name](**{io.tokens: padded, io.positions: positions}, **self.cache)
+        out = self.signatures[name](**{io.tokens: padded, io.positions: positions}, **self.cache, **self.lora)
         logits = out.pop(io.logits)
         self.cache = out
         return logits[0, :len(tokens)].astype(np.float32, copy=False)
