@@ -20,7 +20,9 @@ then gets one rule per op (its scope: the op's output tensor names) with the gri
 MIN_MAX_UNIFORM_QUANT materializers of those two ops are registered over for the call (`record_materializers`) so
 the parameters they hand on are the record's codes and scales. The quantizer writes the tensors itself (int4
 packing, scale tensors, the quantization fields of every signature's subgraph, one buffer they all read, the tied
-lookup and head included). Every record tensor must end up in exactly one buffer, or the export fails.
+lookup and head included). Every record tensor must end up in exactly one buffer, or the export fails. Its
+flatbuffer writer is given a builder that writes each numeric vector once (`shared_vectors`), so the per-channel
+scales every signature's tensor table repeats are stored once.
 """
 from __future__ import annotations
 
@@ -311,6 +313,39 @@ def record_materializers(by_digest: dict[str, QuantizedTensor]):
                                      update_qsv_func=update)
 
 
+@contextlib.contextmanager
+def shared_vectors():
+    """The quantizer's flatbuffer writer with every numeric vector written once: each signature's subgraph has a
+    tensor table of its own, whose per-channel scales and zero points (12 bytes an output channel) would otherwise
+    be stored again per signature, and every matrix of one width has the same all-zero zero points. A flatbuffer
+    offset may be read from several tables; the runtime only reads them."""
+    import flatbuffers
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    class Builder(flatbuffers.Builder):
+        def __init__(self, size: int):
+            super().__init__(size)
+            self.written: dict[tuple, int] = {}
+
+        def CreateNumpyVector(self, x):
+            key = (x.dtype.str, x.size, x.tobytes())
+            if key not in self.written:
+                self.written[key] = super().CreateNumpyVector(x)
+            return self.written[key]
+
+    def pack(model_object, extra_buffer=b""):
+        builder = Builder(1024)
+        builder.Finish(model_object.Pack(builder), file_identifier=b"TFL3")
+        return builder.Output() + extra_buffer
+
+    stock = flatbuffer_utils.convert_object_to_bytearray
+    flatbuffer_utils.convert_object_to_bytearray = pack
+    try:
+        yield
+    finally:
+        flatbuffer_utils.convert_object_to_bytearray = stock
+
+
 def quantize(content: bytes, decoder, spec, recipe, record: WeightRecord | None) -> bytes:
     """The float model quantized: record tensors exactly as the record holds them, fp16 matrices cast. Raises unless
     every record tensor is the parameters of exactly one buffer."""
@@ -331,7 +366,7 @@ def quantize(content: bytes, decoder, spec, recipe, record: WeightRecord | None)
             raise RuntimeError(f"record tensor {name} is the weight of {len(buffers)} buffers of the float model, not one")
     by_digest = {d: tensors[m] for d, m in modules.items() if m in tensors}
     plan = quantization_recipe(ops, modules, rules, record, recipe)
-    with record_materializers(by_digest) as handed:
+    with record_materializers(by_digest) as handed, shared_vectors():
         result = quantizer.Quantizer(bytes(content), plan).quantize(enable_progress_bar=False, enable_progress_report=False)
     wrong = sorted(f"{name} ({len(handed.get(name, ()))} buffers)" for name in tensors if len(handed.get(name, ())) != 1)
     if wrong:

@@ -173,7 +173,8 @@ def test_check_with_the_model_refuses_a_rule_that_matches_nothing_or_blocks_hidd
 def test_the_tflite_holds_the_records_codes_and_scales(tiny, tiny_artifacts, variant):
     path, manifest = tiny_artifacts(variant)
     record = record_of(tiny, manifest)
-    stored = stored_weights((path / "model.tflite").read_bytes())
+    data = (path / "model.tflite").read_bytes()
+    stored = stored_weights(data)
     quantized = {b: w for b, w in stored.items() if w["type"] in ("INT4", "INT8")}
     where = {}
     for name, t in record.tensors.items():
@@ -183,6 +184,8 @@ def test_the_tflite_holds_the_records_codes_and_scales(tiny, tiny_artifacts, var
         w = where[name] = quantized[hits[0]]
         assert w["type"] == f"INT{t.grid.bits}" and w["block"] == t.grid.group_size, name
         assert t.grid.group_size is not None or (w["axis"] == 0 and not w["zero"].any()), name
+        if t.grid.group_size is None:  # per-channel scales live in each signature's tensor table: written once
+            assert data.count(w["scale"].astype("<f4").tobytes()) == 1, name
     assert len(quantized) == len(record.tensors)  # nothing quantized that the record does not hold
     subgraphs = {s for w in stored.values() for s, _ in w["users"]}
     assert len(subgraphs) == 2  # prefill_4, decode
