@@ -21,8 +21,9 @@ MIN_MAX_UNIFORM_QUANT materializers of those two ops are registered over for the
 the parameters they hand on are the record's codes and scales. The quantizer writes the tensors itself (int4
 packing, scale tensors, the quantization fields of every signature's subgraph, one buffer they all read, the tied
 lookup and head included). Every record tensor must end up in exactly one buffer, or the export fails. Its
-flatbuffer writer is given a builder that writes each numeric vector once (`shared_vectors`), so the per-channel
-scales every signature's tensor table repeats are stored once.
+flatbuffer writer is replaced for the call (`compact_writer`): it writes each numeric vector once, so the per-channel
+scales every signature's tensor table repeats are stored once, and names only the tensors a signature passes in or
+out (the converter's names, module paths of up to 250 characters, were a fifth of a small model's file).
 """
 from __future__ import annotations
 
@@ -314,11 +315,12 @@ def record_materializers(by_digest: dict[str, QuantizedTensor]):
 
 
 @contextlib.contextmanager
-def shared_vectors():
+def compact_writer():
     """The quantizer's flatbuffer writer with every numeric vector written once: each signature's subgraph has a
     tensor table of its own, whose per-channel scales and zero points (12 bytes an output channel) would otherwise
     be stored again per signature, and every matrix of one width has the same all-zero zero points. A flatbuffer
-    offset may be read from several tables; the runtime only reads them."""
+    offset may be read from several tables; the runtime only reads them. A tensor that is not a subgraph's input or
+    output is named `t<index>`: the runtime finds tensors by index, and signatures map their own names to them."""
     import flatbuffers
     from ai_edge_litert.tools import flatbuffer_utils
 
@@ -334,6 +336,11 @@ def shared_vectors():
             return self.written[key]
 
     def pack(model_object, extra_buffer=b""):
+        for graph in model_object.subgraphs:
+            named = {int(i) for i in (*graph.inputs, *graph.outputs)}
+            for i, tensor in enumerate(graph.tensors):
+                if i not in named:
+                    tensor.name = f"t{i}"
         builder = Builder(1024)
         builder.Finish(model_object.Pack(builder), file_identifier=b"TFL3")
         return builder.Output() + extra_buffer
@@ -366,7 +373,7 @@ def quantize(content: bytes, decoder, spec, recipe, record: WeightRecord | None)
             raise RuntimeError(f"record tensor {name} is the weight of {len(buffers)} buffers of the float model, not one")
     by_digest = {d: tensors[m] for d, m in modules.items() if m in tensors}
     plan = quantization_recipe(ops, modules, rules, record, recipe)
-    with record_materializers(by_digest) as handed, shared_vectors():
+    with record_materializers(by_digest) as handed, compact_writer():
         result = quantizer.Quantizer(bytes(content), plan).quantize(enable_progress_bar=False, enable_progress_report=False)
     wrong = sorted(f"{name} ({len(handed.get(name, ()))} buffers)" for name in tensors if len(handed.get(name, ())) != 1)
     if wrong:

@@ -68,6 +68,16 @@ def unpack_int4(raw, n: int) -> np.ndarray:
     return np.where(out > 7, out - 16, out)[:n]
 
 
+def tensor_names(data: bytes) -> list[dict]:
+    """Per subgraph: its signature's name, its tensors' names, and the indices of its inputs and outputs."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    model = fb.Model.GetRootAsModel(data, 0)
+    graphs = [model.Subgraphs(s) for s in range(model.SubgraphsLength())]
+    return [{"signature": g.Name().decode(), "names": [g.Tensors(i).Name().decode() for i in range(g.TensorsLength())],
+             "io": {*g.InputsAsNumpy().tolist(), *g.OutputsAsNumpy().tolist()}} for g in graphs]
+
+
 def stored_weights(data: bytes) -> dict[int, dict]:
     """Every weight FULLY_CONNECTED / EMBEDDING_LOOKUP read (through a DEQUANTIZE for weight-only and fp16), by
     buffer: its type, codes and scales (as float32 [N, G]) or float values, block size, and (subgraph, op) users."""
@@ -187,6 +197,9 @@ def test_the_tflite_holds_the_records_codes_and_scales(tiny, tiny_artifacts, var
         if t.grid.group_size is None:  # per-channel scales live in each signature's tensor table: written once
             assert data.count(w["scale"].astype("<f4").tobytes()) == 1, name
     assert len(quantized) == len(record.tensors)  # nothing quantized that the record does not hold
+    for graph in tensor_names(data):  # the converter's module paths are not kept: only a signature's inputs/outputs
+        assert all(name == f"t{i}" for i, name in enumerate(graph["names"]) if i not in graph["io"]), graph["io"]
+        assert all(graph["names"][i].startswith(graph["signature"] + "_") for i in graph["io"])  # as converted
     subgraphs = {s for w in stored.values() for s, _ in w["users"]}
     assert len(subgraphs) == 2  # prefill_4, decode
     tied = where["model.embed_tokens"]["users"]  # one buffer: every signature's lookup and head read it
