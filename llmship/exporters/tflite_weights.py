@@ -329,8 +329,8 @@ def compact_writer():
             super().__init__(size)
             self.written: dict[tuple, int] = {}
 
-        def CreateNumpyVector(self, x):
-            key = (x.dtype.str, x.size, x.tobytes())
+        def CreateNumpyVector(self, x):  # keyed by a digest: the weight buffers pass through here too
+            key = (x.dtype.str, x.size, hashlib.blake2b(np.ascontiguousarray(x)).digest())
             if key not in self.written:
                 self.written[key] = super().CreateNumpyVector(x)
             return self.written[key]
