@@ -23,7 +23,7 @@ packing, scale tensors, the quantization fields of every signature's subgraph, o
 lookup and head included). Every record tensor must end up in exactly one buffer, or the export fails. Its
 flatbuffer writer is replaced for the call (`compact_writer`): it writes each numeric vector once, so the per-channel
 scales every signature's tensor table repeats are stored once, and names only the tensors a signature passes in or
-out (the converter's names, module paths of up to 250 characters, were a fifth of a small model's file).
+out (the converter's names, module paths of up to 250 characters, were a quarter of a small model's file).
 """
 from __future__ import annotations
 
