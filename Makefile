@@ -27,8 +27,8 @@ $(STAMP): pyproject.toml
 run: $(STAMP)  ## build and validate the default targets for the built-in SmolLM2 into dist/
 	$(BIN)/llmship build --out $(OUT) --set model=$(MODEL)
 
-test: $(STAMP)  ## the test suite CI runs: everything but the SmolLM2 conversions (those are `make test-full`)
-	$(BIN)/python -m pytest tests -m "not (smollm2 and slow)" $(PYTEST_ARGS)
+test: $(STAMP)  ## the suite CI runs: every test on its representative cases (the other cases and the SmolLM2 conversions are `make test-full`)
+	$(BIN)/python -m pytest tests -m "not full and not (smollm2 and slow)" -n 2 --dist loadfile $(PYTEST_ARGS)
 
 test-full: $(STAMP)  ## every test, including exporting and validating SmolLM2 on each runtime (long)
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)

@@ -156,3 +156,16 @@ def atomic_directory(final: Path):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def write_atomically(path: Path, write) -> None:
+    """`write(tmp)` then rename onto `path`, so a reader, or another build sharing the cache, sees the whole file or
+    none. The temporary name is the process's own (two builds writing one entry at once must not share it) and keeps
+    the suffix (numpy appends `.npz` to a name without it)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -70,8 +70,10 @@ def sensitivity_table(loaded, options: dict[str, dict], sequences) -> dict[str, 
             pass
     table = sensitivities(loaded, options, sequences)
     try:
+        from llmship.outputs import write_atomically
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(table))
+        write_atomically(path, lambda tmp: tmp.write_text(json.dumps(table)))
     except OSError:
         pass
     return table

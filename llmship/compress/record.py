@@ -95,10 +95,9 @@ class WeightRecord:
             tensors[f"{name}.scale"] = t.scale.float().contiguous()
             if t.zero is not None:
                 tensors[f"{name}.zero"] = t.zero.float().contiguous()
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata={"llmship_record": json.dumps(self._meta())})
-        tmp.replace(path)
+        from llmship.outputs import write_atomically
+
+        write_atomically(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={"llmship_record": json.dumps(self._meta())}))
 
     @classmethod
     def load(cls, path: Path) -> "WeightRecord":

@@ -114,10 +114,13 @@ def _write(student, path) -> None:
     from safetensors.torch import save_file
 
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({n: t.contiguous() for n, t in student.weights.items()}, path.with_suffix(".safetensors"))
-        path.with_suffix(".json").write_text(json.dumps({"spec": dataclasses.asdict(student.spec), "config": student.config,
-                                                         "structure": student.structure}))
+        from llmship.outputs import write_atomically
+
+        path.parent.mkdir(parents=True, exist_ok=True)  # weights first: the entry exists once its json does
+        write_atomically(path.with_suffix(".safetensors"),
+                         lambda tmp: save_file({n: t.contiguous() for n, t in student.weights.items()}, str(tmp)))
+        info = json.dumps({"spec": dataclasses.asdict(student.spec), "config": student.config, "structure": student.structure})
+        write_atomically(path.with_suffix(".json"), lambda tmp: tmp.write_text(info))
     except OSError:
         pass  # no cache: the next build prunes and heals again
 

@@ -41,10 +41,10 @@ def cached(name: str, parts: tuple, compute) -> dict[str, np.ndarray]:
             path.unlink(missing_ok=True)
     result = compute()
     try:
+        from llmship.outputs import write_atomically
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp.npz")
-        np.savez(tmp, **result)
-        tmp.replace(path)
+        write_atomically(path, lambda tmp: np.savez(tmp, **result))
     except OSError:
         pass
     return result

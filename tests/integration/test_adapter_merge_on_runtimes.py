@@ -47,10 +47,10 @@ def prefill_logits(runner_or_decoder, ids) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", [
-    pytest.param("onnx-fp32", marks=pytest.mark.onnx),
-    pytest.param("executorch-fp32", marks=pytest.mark.executorch),
-    pytest.param("litert-fp32", marks=pytest.mark.litert),
-    pytest.param("coreml-fp16", marks=pytest.mark.coreml),
+    pytest.param("onnx-fp32", marks=pytest.mark.onnx),  # merging happens before any exporter: one runtime in make test
+    pytest.param("executorch-fp32", marks=[pytest.mark.executorch, pytest.mark.full]),
+    pytest.param("litert-fp32", marks=[pytest.mark.litert, pytest.mark.full]),
+    pytest.param("coreml-fp16", marks=[pytest.mark.coreml, pytest.mark.full]),
 ])
 def test_merged_adapter_ships_on_every_runtime(name, adapter, tiny, tmp_path):
     from llmship.validation.runners import open_runner

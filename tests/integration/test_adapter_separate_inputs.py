@@ -56,7 +56,8 @@ ENTRIES = {"coreml": ["prefill", "decode", "prefill_lora", "decode_lora"],
            "litert": ["prefill_16", "decode", "prefill_16_lora", "decode_lora"],
            "executorch": ["prefill", "decode", "prefill_lora", "decode_lora"]}
 SELECT = {"coreml": "Core ML multifunction", "litert": "LiteRT signatures", "executorch": "ExecuTorch methods"}
-ALL = [pytest.param(r, marks=getattr(pytest.mark, r)) for r in RUNTIMES]
+# make test runs LiteRT's (the quickest to export); Core ML's and ExecuTorch's are make test-full's
+ALL = [pytest.param(r, marks=[getattr(pytest.mark, r)] + ([] if r == "litert" else [pytest.mark.full])) for r in RUNTIMES]
 
 
 def bare_config(model: str) -> BuildConfig:

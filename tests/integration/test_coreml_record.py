@@ -48,7 +48,8 @@ def decompressed(artifact) -> dict:
     return out
 
 
-@pytest.mark.parametrize("name", ["coreml-int4", "coreml-int8", "coreml-pal4"])
+@pytest.mark.parametrize("name", ["coreml-int4", pytest.param("coreml-int8", marks=pytest.mark.full),
+                                  pytest.param("coreml-pal4", marks=pytest.mark.full)])  # pal4: the palette fault test
 def test_the_package_holds_the_records_weights(tiny, tmp_path, name):
     art = export_artifact(tiny, target(name, max_context=32, prefill_lengths=(8,)), tmp_path / name)
     record = record_of(tiny, art)
@@ -64,7 +65,8 @@ def test_the_package_holds_the_records_weights(tiny, tmp_path, name):
 
 
 @pytest.mark.shared
-@pytest.mark.parametrize("name", ["coreml-int4", "coreml-int8", "coreml-pal4"])
+@pytest.mark.parametrize("name", ["coreml-int4", pytest.param("coreml-int8", marks=pytest.mark.full),
+                                  pytest.param("coreml-pal4", marks=pytest.mark.full)])
 def test_conversion_is_at_fp16_rounding_level_while_parity_carries_the_recipe(stories, tmp_path, name):
     art = export_artifact(stories, target(name, max_context=128, prefill_lengths=(32,)), tmp_path / name)
     report = validate_artifact(art, FAST, loaded=stories)
@@ -99,7 +101,7 @@ def test_a_planted_converter_fault_passes_parity_but_fails_conversion(stories, t
 
 
 @pytest.mark.shared
-@pytest.mark.parametrize("tables", [4, None])
+@pytest.mark.parametrize("tables", [4, pytest.param(None, marks=pytest.mark.full)])
 def test_a_planted_palette_fault_fails_the_gate_that_guards_it(stories, tmp_path, monkeypatch, tables):
     """Two neighbouring entries of a table swapped, as a converter bug in the palette path would. In the first
     four tables (64 channels of one matrix): inside pal4's parity gates, caught by the conversion gate (stories260K,

@@ -64,6 +64,7 @@ def test_fp32_parity_tiny(tiny, tiny_fp32):
 
 
 @pytest.mark.shared
+@pytest.mark.full  # the fp32 path is make test's on builtin:tiny; stories260K's 8da4w export below is the real-model case
 def test_fp32_parity_stories(stories, tmp_path):
     artifact = export(stories, profile("executorch-fp32"), tmp_path / "stories-fp32")
     ref = reference(stories)
@@ -256,7 +257,7 @@ def test_8da4w_stories_matches_its_recipe_size_and_gates(stories, tmp_path):
     assert report["conversion"]["top1_agreement"] >= 0.98
 
 
-@pytest.mark.parametrize("fault", [None, "lm_head", "model.embed_tokens"])
+@pytest.mark.parametrize("fault", [None, "lm_head", pytest.param("model.embed_tokens", marks=pytest.mark.full)])
 def test_size_check_catches_a_table_left_fp32(size_model, monkeypatch, fault):
     """Planted fault: the 8da4w export with the head (or the embedding) left fp32 falls outside the size the
     record implies; the faultless export of the same model falls inside. (The decode method alone: the

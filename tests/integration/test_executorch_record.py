@@ -166,7 +166,7 @@ READBACK = {
 }
 
 
-@pytest.mark.parametrize("case", list(READBACK))
+@pytest.mark.parametrize("case", ["tied-int4", pytest.param("untied-int8-embedding", marks=pytest.mark.full)])
 def test_the_pte_holds_the_records_codes_and_scales(tiny, case):
     """Every quantized linear XNNPACK holds, and the embedding table the program looks up, are the record's
     tensors bit for bit: codes, and scales in the dtype the runtime stores (nothing re-rounded, no tensor
@@ -225,6 +225,7 @@ def _failed(report: dict) -> set[str]:
 
 
 @pytest.mark.shared
+@pytest.mark.full  # make test's conversion checks on ExecuTorch: 8da4w (test_executorch.py) and the planted fault below
 def test_the_int8_artifact_computes_the_compressed_reference(stories, tmp_path):
     """Against the compressed reference (record weights, XNNPACK's activation quantization simulated) the int8
     artifact differs by kernel rounding only: the same top-1 and greedy tokens, a KL well below its parity KL,

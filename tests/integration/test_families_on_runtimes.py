@@ -18,7 +18,7 @@ from llmship.models import load_model
 from llmship.pipeline import export_artifact
 from llmship.targets import get_profile
 from llmship.validation.stage import validate_artifact
-from tests.helpers import hf_model
+from tests.helpers import hf_model, runtime_marks
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -34,6 +34,13 @@ FAMILIES = {
 }
 
 
+def pairs(targets, representative: dict) -> list:
+    """Every (family, target) pair; make test runs the family `representative` names for a target (none: that target's
+    are make test-full's only, as ExecuTorch's 4-bit one here, whose recipe test_executorch.py runs on stories260K)."""
+    return [pytest.param(f, t, marks=runtime_marks(t, full=representative.get(t) != f), id=f"{f}-{t}")
+            for f in sorted(FAMILIES) for t in targets]
+
+
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request, tmp_path_factory):
     from llmship.models.builtin import byte_tokenizer
@@ -47,13 +54,10 @@ def family(request, tmp_path_factory):
     return loaded
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param("executorch-fp32", marks=pytest.mark.executorch),
-    pytest.param("onnx-fp32", marks=pytest.mark.onnx),
-    pytest.param("litert-fp32", marks=pytest.mark.litert),
-    pytest.param("coreml-fp16", marks=pytest.mark.coreml),
-    "pytorch-fp32",  # the canonical model's own format: its runner builds the decoder the manifest describes
-])
+# pytorch-fp32 is the canonical model's own format: its runner builds the decoder the manifest describes
+@pytest.mark.parametrize("family,name", pairs(("executorch-fp32", "onnx-fp32", "litert-fp32", "coreml-fp16", "pytorch-fp32"), {
+    "executorch-fp32": "gemma3-local-global", "onnx-fp32": "mistral", "litert-fp32": "phi4mini-partial-longrope",
+    "coreml-fp16": "smollm3-nope", "pytorch-fp32": "mistral"}), indirect=["family"])
 def test_each_family_passes_at_fp32_level_parity_on_every_runtime(name, family, tmp_path, capsys):
     config = BuildConfig.model_validate({"model": family.source, "evaluation": {"tokens": 128, "latency_runs": 2}})
     target = TargetProfile.model_validate({**get_profile(name).model_dump(), "max_context": 128, "prefill_lengths": (16,),
@@ -61,7 +65,9 @@ def test_each_family_passes_at_fp32_level_parity_on_every_runtime(name, family, 
     report = validate_artifact(export_artifact(family, target, tmp_path / name, config=config), config, loaded=family)
     assert report["passed"], [g for g in report["gates"] if not g["passed"]]
     p = report["parity"]
-    assert p["top1_agreement"] == 1.0 and p["greedy_match"] == p["greedy_total"] > 0, p
+    # an fp16 program may flip a near-tie (Phi-4-mini's shape on coreml-fp16: 127/128); top-1 off a near-tie stays exact
+    top1 = "top1_clear" if target.recipe.compute == "fp16" else "top1_agreement"
+    assert p[top1] == 1.0 and p["greedy_match"] == p["greedy_total"] > 0, p
     cache = json.loads((tmp_path / name / "manifest.json").read_text())["kv_cache"]
     windows = {"mistral": [10, 10], "gemma3_text": [10, None, 10]}.get(family.spec.model_type, [None] * family.spec.num_layers)
     assert cache["window_per_layer"] == windows, cache
@@ -92,13 +98,9 @@ def test_each_family_passes_at_fp32_level_parity_on_every_runtime(name, family, 
         assert f"ring buffers: {rings} sliding-window layers of [25] rows, {cache['bytes']:,} bytes" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param("executorch-8da4w", marks=pytest.mark.executorch),
-    pytest.param("onnx-int4", marks=pytest.mark.onnx),
-    pytest.param("litert-int4", marks=pytest.mark.litert),
-    pytest.param("coreml-int4", marks=pytest.mark.coreml),
-])
-@pytest.mark.parametrize("family", sorted(FAMILIES), indirect=True)
+@pytest.mark.parametrize("family,name", pairs(("executorch-8da4w", "onnx-int4", "litert-int4", "coreml-int4"), {
+    "onnx-int4": "gemma3-local-global", "litert-int4": "smollm3-nope",
+    "coreml-int4": "mistral"}), indirect=["family"])
 def test_each_family_validates_a_4bit_target_on_every_runtime(name, family, tmp_path):
     """The runtime's 4-bit recipe on each family (Phi: fused projections quantized as their parts, partial rotary in
     ExecuTorch's own attention, LongRoPE; Gemma 3: GeGLU, sandwich norms, two RoPE bases, local layers in ring
@@ -132,9 +134,10 @@ FAULTS = {
 
 
 @pytest.mark.executorch
-@pytest.mark.parametrize("family,fault", [("phi4mini-partial-longrope", "rotates-the-whole-head"),
+@pytest.mark.parametrize("family,fault", [pytest.param("phi4mini-partial-longrope", "rotates-the-whole-head", marks=pytest.mark.full),
                                           ("mistral", "ignores-the-window"),
-                                          ("gemma3-local-global", "forgets-the-norm-offset")], indirect=["family"])
+                                          pytest.param("gemma3-local-global", "forgets-the-norm-offset", marks=pytest.mark.full)],
+                         indirect=["family"])
 def test_executorch_attention_missing_the_familys_feature_fails_the_gates(family, fault, tmp_path, monkeypatch):
     from llmship.exporters import executorch as et
 

@@ -176,3 +176,34 @@ def test_gptq_leaves_the_source_weights_as_they_were(tiny, tmp_path, monkeypatch
     for n, w in before.items():
         assert torch.equal(tiny.weights[f"{n}.weight"], w), n
         assert not torch.equal(record.tensors[n].dequantize(), w)
+
+
+def test_cache_entries_are_written_whole_under_a_name_of_the_writers_own(tmp_path):
+    """Builds sharing ~/.cache/llmship (a release gate's jobs on one runner) write the same entry at once: each writes
+    its own temporary file and renames it, so a reader sees a whole entry or none, and a failed write leaves the old."""
+    import os
+
+    import numpy as np
+
+    from llmship.outputs import write_atomically
+
+    path, seen = tmp_path / "entry.npz", []
+
+    def write(tmp):
+        seen.append(tmp.name)
+        np.savez(tmp, a=np.arange(3))
+
+    write_atomically(path, write)
+    assert str(os.getpid()) in seen[0] and seen[0].endswith(".npz")  # numpy would append .npz to any other name
+    with np.load(path) as data:
+        assert data["a"].tolist() == [0, 1, 2]
+
+    def fails(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        write_atomically(path, fails)
+    assert [p.name for p in tmp_path.iterdir()] == ["entry.npz"]
+    with np.load(path) as data:
+        assert data["a"].tolist() == [0, 1, 2]
