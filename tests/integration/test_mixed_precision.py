@@ -112,3 +112,17 @@ def test_smallest_ends_with_a_passing_artifact_smaller_than_the_recipe_it_starte
     assert not list((tmp_path / "dist").glob(".*search*"))  # the steps' artifacts are gone, only the chosen one stays
     page = (tmp_path / "dist" / "report.html").read_text()
     assert 'class="chosen"' in page and get_profile(target).name in page
+
+
+@pytest.mark.parametrize("target", ["executorch-8da4w", "onnx-int4", "litert-int4", "coreml-int4"])
+def test_every_4bit_target_offers_the_allocation_an_8bit_option_it_can_hold(tiny, target):
+    """A budget pays for int8 on the sensitive matrices with cheaper blocks elsewhere; a runtime whose int8 is per
+    output channel (LiteRT refuses int8 in the recipe's 4-bit blocks) gets that form, not no int8 at all."""
+    from llmship.compress.mixed import CANDIDATES, _with_rules, candidate_grids
+    from llmship.formats import exporter
+
+    profile = get_profile(target)
+    module = exporter(profile.format)
+    eight = [k for k in candidate_grids(profile, module, tiny.spec) if k.startswith("int8")]
+    assert len(eight) == 1, eight
+    module.check(_with_rules(profile, [{"match": ".*", **CANDIDATES[eight[0]]}]), tiny.spec)  # the rule it writes holds
