@@ -187,17 +187,16 @@ def peft_adapter(model, out_dir, r: int = 4, targets=("q_proj", "v_proj"), seed:
     return peft_model.merge_and_unload().eval()
 
 
-RUNTIME_MARKS = {"executorch": ["executorch"], "onnx": ["onnx"], "litert": ["litert"], "coreml": ["coreml"], "pytorch": []}
-
-
 def runtime_marks(target: str, full: bool = False) -> list:
-    """A target's runtime marker, plus `full` when the case is make test-full's only."""
+    """The marker of the runtime a target (or a runtime name) needs, none for pytorch, plus `full` when the case is
+    make test-full's only."""
     import pytest
 
-    return [getattr(pytest.mark, m) for m in RUNTIME_MARKS[target.split("-")[0]]] + ([pytest.mark.full] if full else [])
+    runtime = target.split("-")[0]
+    return ([] if runtime == "pytorch" else [getattr(pytest.mark, runtime)]) + ([pytest.mark.full] if full else [])
 
 
-def targets(names, keep=()) -> list:
+def target_params(names, keep=()) -> list:
     """pytest params of target names, each marked with its runtime; those not in `keep` run in make test-full only."""
     import pytest
 

@@ -21,6 +21,8 @@ CANDIDATES = {"int4/g32": {"weights": "int4", "group_size": 32}, "int4/g64": {"w
               # int8 per output channel, for a runtime that refuses int8 in the recipe's 4-bit blocks (LiteRT)
               "int8/channel": {"weights": "int8", "group_size": None},
               "fp16": {"weights": "fp16"}, "fp32": {"weights": "fp32"}}
+# a candidate offered only where the runtime refuses the one it stands in for
+FALLBACK_FOR = {"int8/channel": "int8", "fp32": "fp16"}
 
 
 def _copies(module, spec, shapes) -> dict[str, int]:
@@ -44,8 +46,8 @@ def candidate_grids(target, module, spec) -> dict[str, dict]:
     """{candidate: {matrix: Grid | None}} for every candidate this runtime can hold for all matrices."""
     out = {}
     for key, rule in CANDIDATES.items():
-        if (key == "fp32" and "fp16" in out) or (key == "int8/channel" and "int8" in out):
-            continue  # float storage: the runtime's cheaper one; int8: the recipe's blocks where the runtime takes them
+        if FALLBACK_FOR.get(key) in out:
+            continue  # float: the runtime's cheaper storage; int8: the recipe's blocks where the runtime takes them
         candidate = _with_rules(target, [{"match": ".*", **rule}])
         try:
             module.check(candidate, spec)

@@ -16,7 +16,7 @@ from llmship.models import build_decoder
 from llmship.pipeline import export_artifact
 from llmship.targets import get_profile
 from llmship.validation.stage import validate_artifact
-from tests.helpers import ALL_PROJECTIONS, hf_from_loaded, peft_adapter
+from tests.helpers import ALL_PROJECTIONS, hf_from_loaded, peft_adapter, target_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 CONFIG = {"evaluation": {"tokens": 256, "latency_runs": 2}}
@@ -46,12 +46,8 @@ def prefill_logits(runner_or_decoder, ids) -> torch.Tensor:
     return torch.as_tensor(runner_or_decoder.prefill(ids, 0))
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param("onnx-fp32", marks=pytest.mark.onnx),  # merging happens before any exporter: one runtime in make test
-    pytest.param("executorch-fp32", marks=[pytest.mark.executorch, pytest.mark.full]),
-    pytest.param("litert-fp32", marks=[pytest.mark.litert, pytest.mark.full]),
-    pytest.param("coreml-fp16", marks=[pytest.mark.coreml, pytest.mark.full]),
-])
+# merging happens before any exporter: make test runs one runtime
+@pytest.mark.parametrize("name", target_params(("onnx-fp32", "executorch-fp32", "litert-fp32", "coreml-fp16"), keep=("onnx-fp32",)))
 def test_merged_adapter_ships_on_every_runtime(name, adapter, tiny, tmp_path):
     from llmship.validation.runners import open_runner
 

@@ -22,6 +22,7 @@ from llmship.pipeline import export_artifact
 from llmship.validation.runners import open_runner
 from llmship.validation.runners.reference import ReferenceRunner
 from llmship.validation.stage import validate_artifact
+from tests.helpers import runtime_marks
 from tests.integration.test_adapter_separate_onnx import CONFIG, PROMPT, adapters_for, config_for, target
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -57,7 +58,7 @@ ENTRIES = {"coreml": ["prefill", "decode", "prefill_lora", "decode_lora"],
            "executorch": ["prefill", "decode", "prefill_lora", "decode_lora"]}
 SELECT = {"coreml": "Core ML multifunction", "litert": "LiteRT signatures", "executorch": "ExecuTorch methods"}
 # make test runs LiteRT's (the quickest to export); Core ML's and ExecuTorch's are make test-full's
-ALL = [pytest.param(r, marks=[getattr(pytest.mark, r)] + ([] if r == "litert" else [pytest.mark.full])) for r in RUNTIMES]
+ALL = [pytest.param(r, marks=runtime_marks(r, full=r != "litert")) for r in RUNTIMES]
 
 
 def bare_config(model: str) -> BuildConfig:

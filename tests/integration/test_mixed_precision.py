@@ -11,7 +11,7 @@ import pytest
 
 from llmship.compress.plan import matrix_shapes
 from llmship.targets import get_profile
-from tests.helpers import targets
+from tests.helpers import target_params
 
 
 def spearman(a, b) -> float:
@@ -89,7 +89,7 @@ def test_a_mix_with_float_matrices_exports_on_litert(tmp_path):
 
 
 # make test searches on ONNX (20 s here); LiteRT's, Core ML's and ExecuTorch's (6 minutes) are make test-full's
-SEARCHED = targets(("executorch-8da4w", "onnx-int4", "litert-int4", "coreml-int4"), keep=("onnx-int4",))
+SEARCHED = target_params(("executorch-8da4w", "onnx-int4", "litert-int4", "coreml-int4"), keep=("onnx-int4",))
 
 
 @pytest.mark.shared

@@ -13,7 +13,7 @@ from llmship.config import BuildConfig, TargetProfile
 from llmship.pipeline import export_artifact
 from llmship.targets import get_profile
 from llmship.validation.stage import validate_artifact
-from tests.helpers import targets
+from tests.helpers import target_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -23,8 +23,8 @@ PRUNE = {"prune": {"ffn": 0.25, "heads": 0.5, "layers": 1}, "heal": {"steps": 50
 # One fp32/fp16 and one 4-bit target per runtime, marked with the runtime they need.
 # make test runs the ONNX and LiteRT cases (quick to export); ExecuTorch's and Core ML's are make test-full's.
 FLOAT = ("executorch-fp32", "onnx-fp32", "litert-fp32", "coreml-fp16")
-FLOAT_TARGETS = targets(FLOAT, keep=("onnx-fp32", "litert-fp32"))
-FOUR_BIT_TARGETS = targets(("executorch-8da4w", "onnx-int4", "litert-int4", "coreml-int4"), keep=("onnx-int4", "litert-int4"))
+FLOAT_TARGETS = target_params(FLOAT, keep=("onnx-fp32", "litert-fp32"))
+FOUR_BIT_TARGETS = target_params(("executorch-8da4w", "onnx-int4", "litert-int4", "coreml-int4"), keep=("onnx-int4", "litert-int4"))
 ACCEPTED = {"kl_mean_max": 2.0, "top1_agreement_min": 0.4, "ppl_ratio_max": 3.5, "max_abs_err": None, "greedy_match_min": None}
 
 
@@ -43,7 +43,7 @@ def conversion_gates(report: dict) -> dict:
     return {g["name"]: g for g in report["gates"] if g["name"].startswith("conversion")}
 
 
-@pytest.mark.parametrize("name", targets((*FLOAT, "onnx-int4"), keep=("onnx-fp32", "litert-fp32", "onnx-int4")))  # int4: + quantize
+@pytest.mark.parametrize("name", target_params((*FLOAT, "onnx-int4"), keep=("onnx-fp32", "litert-fp32", "onnx-int4")))  # int4: + quantize
 def test_pruned_model_converts_exactly_on_every_runtime(name, stories, tmp_path):
     config = config_for(stories.source)
     report = validate_artifact(export_artifact(stories, target_for(name), tmp_path / name, config=config), config, loaded=stories)
